@@ -1,0 +1,37 @@
+// Estimator: analytic bytes of one training step for a Workload and Plan, without running.
+// The workload gives its structural terms (activations, logits, batch); the estimator adds
+// parameters, gradients, AdamW states, the process baseline and allocator slack, and scales
+// activation terms by factors calibrated once against measurement (docs/ESTIMATOR.md).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "autotune/plan.h"
+#include "autotune/workload.h"
+
+namespace autotune {
+
+struct EstimateLine {
+  std::string name;
+  uint64_t bytes = 0;
+};
+
+struct Estimate {
+  Plan plan;
+  int64_t n_params = 0;
+  std::vector<EstimateLine> lines;  // params, grads, optimizer, activations..., slack
+  uint64_t tensor_peak_bytes = 0;   // sum of lines: the counting allocator's peak
+  uint64_t baseline_bytes = 0;      // process memory outside tensors
+  uint64_t peak_bytes = 0;          // the budget figure: tensor peak + baseline
+  nlohmann::json to_json() const;
+};
+
+// `baseline_bytes` is the process's measured non-tensor memory (MemoryMeter::baseline_bytes).
+Estimate estimate_memory(const Workload& workload, const Plan& plan, uint64_t baseline_bytes);
+
+void print_estimate(const Estimate& e);
+
+}  // namespace autotune

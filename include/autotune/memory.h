@@ -1,0 +1,131 @@
+// Memory truth on every device: the CPU counting allocator (with an optional cap that throws
+// c10::OutOfMemoryError exactly like the CUDA caching allocator), the process/system readers, and
+// MemoryMeter, which answers "what is the budget figure right now and at its peak".
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include <torch/torch.h>
+
+namespace autotune {
+
+// ---- CPU counting allocator -------------------------------------------------------------------
+// Installed once with c10::SetCPUAllocator at a high priority and kept for the life of the
+// process. Tracks current and peak bytes of every CPU tensor storage. Thread-safe (atomics).
+namespace cpu_alloc {
+void install();  // idempotent; also pins glibc's mmap threshold so freed tensors leave the RSS
+bool installed();
+int64_t current_bytes();
+int64_t peak_bytes();
+void reset_peak();  // peak := current
+// With a cap, an allocation that would take current above it throws c10::OutOfMemoryError.
+void set_cap(std::optional<int64_t> cap_bytes);
+std::optional<int64_t> cap();
+int64_t num_ooms();  // refused allocations since install
+}  // namespace cpu_alloc
+
+// ---- process and system readers (Linux /proc and cgroup files) ---------------------------------
+struct ProcessMemory {
+  uint64_t rss_bytes = 0;       // VmRSS
+  uint64_t peak_rss_bytes = 0;  // VmHWM
+};
+// Parse a /proc/<pid>/status file; missing or odd fields read as 0, never throw.
+ProcessMemory read_process_memory(const std::string& status_path = "/proc/self/status");
+
+// Reset VmHWM to the current RSS by writing "5" to /proc/self/clear_refs. False where the kernel
+// or the sandbox does not allow it (then peaks are since process start).
+bool reset_peak_rss(const std::string& clear_refs_path = "/proc/self/clear_refs");
+
+struct SystemMemory {
+  uint64_t total_bytes = 0;                    // MemTotal
+  uint64_t available_bytes = 0;                // MemAvailable
+  std::optional<uint64_t> cgroup_limit_bytes;  // memory.max (v2) or limit_in_bytes (v1), if set
+  std::optional<uint64_t> cgroup_usage_bytes;  // memory.current / usage_in_bytes
+  // The machine as the process sees it: min(MemTotal, cgroup limit).
+  uint64_t effective_total_bytes() const;
+  // min(MemAvailable, cgroup limit - usage).
+  uint64_t effective_available_bytes() const;
+};
+SystemMemory read_system_memory(const std::string& meminfo_path = "/proc/meminfo",
+                                const std::string& cgroup_root = "/sys/fs/cgroup");
+// Same, with the process's cgroup membership read from `proc_cgroup_path` (format of
+// /proc/self/cgroup): the limit is the smallest one on the path from the process's own cgroup up
+// to `cgroup_root`, under cgroup v2 (`cgroup_root` or `cgroup_root`/unified) and v1
+// (`cgroup_root`/memory). The two-argument form uses /proc/self/cgroup for the real root only.
+SystemMemory read_system_memory(const std::string& meminfo_path, const std::string& cgroup_root,
+                                const std::string& proc_cgroup_path);
+
+// ---- device-generic meter ----------------------------------------------------------------------
+struct MemorySample {
+  // Device (accelerator caching allocator; zero on CPU)
+  uint64_t device_allocated_bytes = 0;
+  uint64_t device_peak_allocated_bytes = 0;
+  uint64_t device_reserved_bytes = 0;
+  uint64_t device_peak_reserved_bytes = 0;
+  uint64_t device_num_ooms = 0;
+  uint64_t device_num_alloc_retries = 0;
+  uint64_t device_total_bytes = 0;
+  uint64_t device_free_bytes = 0;
+  // Host
+  uint64_t tensor_bytes = 0;       // CPU counting allocator, current
+  uint64_t peak_tensor_bytes = 0;  // since the last reset
+  uint64_t rss_bytes = 0;
+  uint64_t peak_rss_bytes = 0;  // since the last reset (if the reset works)
+  // What the budget is compared against (see budget_figure()).
+  uint64_t budget_bytes_now = 0;
+  uint64_t budget_bytes_peak = 0;
+};
+
+class MemoryMeter {
+ public:
+  // Installs the CPU counting allocator if needed and measures the process baseline (RSS not
+  // owned by tensors: libtorch, code, data buffers) once. Whether VmHWM can be reset is probed
+  // once per process; AUTOTUNE_NO_PEAK_RSS_RESET=1 forces the fallback (baseline + tensor peak).
+  explicit MemoryMeter(torch::Device device);
+
+  torch::Device device() const { return device_; }
+  bool is_accelerator() const { return device_.type() != c10::DeviceType::CPU; }
+  bool peak_rss_resettable() const { return peak_rss_resettable_; }
+  uint64_t baseline_bytes() const { return baseline_bytes_; }
+  // Re-measure the baseline now (call when no training tensors are alive).
+  void remeasure_baseline();
+
+  // Start of a phase: device peak stats, CPU tensor peak and VmHWM all restart from now.
+  void reset_peaks();
+  MemorySample sample() const;
+
+  // The budget figure (DESIGN.md, "What the budget means"):
+  //   accelerator: peak reserved by the caching allocator + the context (total - free - reserved
+  //                at construction);
+  //   CPU: peak RSS of the process; where VmHWM cannot be reset, baseline + peak tensor bytes.
+  uint64_t budget_figure_peak(const MemorySample& s) const;
+  uint64_t budget_figure_now(const MemorySample& s) const;
+
+  // Releases cached blocks of the accelerator (no-op on CPU) and trims the C heap.
+  void release_cache() const;
+
+ private:
+  torch::Device device_;
+  // The device is the accelerator this LibTorch was built for and one is present: only then are
+  // the caching allocator's stats read (a CPU-only build or a GPU-less machine never throws).
+  bool accelerator_stats_ = false;
+  bool peak_rss_resettable_ = false;
+  uint64_t baseline_bytes_ = 0;
+  uint64_t context_bytes_ = 0;  // accelerator: memory held outside the caching allocator
+};
+
+// Total and free memory of the device: accelerator via at::accelerator::getMemoryInfo, CPU via
+// the effective system memory. Used by ultra-low-mem detection and "80%" budgets.
+struct DeviceMemoryInfo {
+  std::string name;  // "cpu", "cuda:0 <name>"
+  uint64_t total_bytes = 0;
+  uint64_t free_bytes = 0;
+};
+DeviceMemoryInfo device_memory_info(torch::Device device);
+
+// Accelerator-only budget enforcement (the CUDA caching allocator's per-process memory fraction).
+// No-op returning false on CPU and on LibTorch builds without CUDA.
+bool enforce_device_budget(torch::Device device, uint64_t budget_bytes);
+
+}  // namespace autotune

@@ -1,0 +1,106 @@
+// The trainer: AdamW, warmup + cosine learning rate, gradient clipping, gradient accumulation,
+// mixed precision, evaluation, atomic checkpoints, exact resume, and OOM recovery that keeps the
+// global step and the effective batch. Measurement and logging attach through TrainObserver.
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "autotune/plan.h"
+#include "autotune/workload.h"
+
+namespace autotune {
+
+enum class Phase { forward, backward, optimizer, eval };
+const char* to_string(Phase p);
+
+struct TrainOptions {
+  int64_t steps = 100;           // optimizer steps in total (a resumed run continues to this)
+  double lr = 1e-3;              // peak learning rate
+  double min_lr = 1e-4;          // end of the cosine
+  int64_t warmup_steps = -1;     // -1: min(100, steps / 10)
+  double weight_decay = 0.1;
+  double beta1 = 0.9, beta2 = 0.95;
+  double grad_clip = 1.0;        // max global L2 norm; 0 disables
+  int64_t eval_every = 0;        // 0: only at the end
+  int64_t eval_sequences = 64;   // validation sequences per evaluation
+  uint64_t seed = 1337;
+  torch::Device device = torch::kCPU;
+
+  std::string run_dir;           // checkpoints live in run_dir/checkpoints; empty: none
+  int64_t checkpoint_every = 0;  // 0: only at the end (and on a stop)
+  int keep_checkpoints = 3;
+  bool resume = false;           // continue from the newest complete checkpoint in run_dir
+
+  // OOM ladder: halve micro_batch (x2 grad_accum), then checkpointing on, then bf16 if allowed.
+  bool recover_oom = true;
+  bool allow_precision_change = true;
+  // Ultra-low-mem: release the allocator caches between phases.
+  bool release_between_phases = false;
+  // Set by a signal handler: the loop stops after the current step and checkpoints.
+  const std::atomic<int>* stop_signal = nullptr;
+};
+
+struct StepStats {
+  int64_t step = 0;        // 1-based index of the optimizer step just finished
+  int64_t steps = 0;
+  double loss = 0;         // mean over the global batch
+  double lr = 0;
+  double grad_norm = 0;
+  double step_ms = 0;
+  double tokens_per_s = 0;  // this step
+  bool skipped = false;     // fp16 overflow: no update
+  Plan plan;
+};
+
+struct Recovery {
+  int64_t step = 0;
+  Phase phase = Phase::forward;
+  Plan before, after;
+  bool eval_only = false;  // eval OOM: only the eval batch changed
+  std::string what;
+};
+
+struct RunSummary {
+  Plan plan;                 // the plan at the end (after any recovery)
+  int64_t first_step = 0;    // 0, or the resumed step
+  int64_t steps_done = 0;    // optimizer steps completed (== options.steps unless stopped)
+  int64_t tokens = 0;        // trained this invocation
+  double final_loss = std::numeric_limits<double>::quiet_NaN();
+  double val_loss = std::numeric_limits<double>::quiet_NaN();
+  double tokens_per_s = 0;   // tokens / training seconds (evaluation excluded)
+  double wall_s = 0;
+  std::vector<Recovery> recoveries;
+  int stop_signal = 0;       // SIGINT/SIGTERM that stopped the run, else 0
+  std::string last_checkpoint;
+};
+
+class TrainObserver {
+ public:
+  virtual ~TrainObserver() = default;
+  virtual void on_start(const Plan& plan, const TrainOptions& opt, int64_t first_step) {}
+  virtual void on_phase_begin(Phase phase) {}
+  virtual void on_phase_end(Phase phase, int64_t step) {}
+  virtual void on_step(const StepStats& s) {}
+  virtual void on_eval(int64_t step, double val_loss) {}
+  virtual void on_recovery(const Recovery& r) {}
+  virtual void on_checkpoint(int64_t step, const std::string& path) {}
+  virtual void on_end(const RunSummary& s) {}
+};
+
+// Trains `workload` with `plan` from step 0 (or the checkpoint) to opt.steps.
+RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
+                 const std::vector<TrainObserver*>& observers = {});
+
+// The optimizer steps of the next plan down the OOM ladder; false when nothing is left.
+bool next_plan_after_oom(const Plan& plan, bool can_checkpoint, bool allow_precision_change,
+                         Plan* next);
+
+// Learning rate at step (0-based) under warmup + cosine.
+double learning_rate(const TrainOptions& opt, int64_t step);
+
+}  // namespace autotune

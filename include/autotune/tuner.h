@@ -1,0 +1,85 @@
+// The tuner: finds the fastest plan whose measured peak fits the budget. It talks to a Workload
+// (never a concrete model) and measures real training steps through the trainer.
+//
+//   Prober  : one trial = a fresh model, 1 warm-up step + N measured steps (the first optimizer
+//             step, with its AdamW states, included) + one evaluation forward, under the budget's
+//             hard cap; OOM is caught by type and everything is released before the next trial.
+//   Search  : model (estimator ranks, two trials fit peak = a + b*micro_batch, predict, confirm),
+//             power (Lightning's BatchSizeFinder), halve (Accelerate's find_executable_batch_size).
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "autotune/memory.h"
+#include "autotune/plan.h"
+#include "autotune/workload.h"
+
+namespace autotune {
+
+struct Trial {
+  Plan plan;
+  bool fits = false;
+  bool oom = false;             // c10::OutOfMemoryError during the trial
+  uint64_t peak_bytes = 0;      // the budget figure's peak (0 when it OOMed before measuring)
+  nlohmann::json phase_peaks;   // {forward: bytes, backward: ..., optimizer: ..., eval: ...}
+  double tokens_per_s = 0;      // measured steps only (warm-up excluded)
+  double wall_s = 0;
+  int64_t steps_run = 0;
+  std::string reason;           // why rejected, or "fits"
+};
+void to_json(nlohmann::json& j, const Trial& t);
+void from_json(const nlohmann::json& j, Trial& t);
+
+struct ProbeOptions {
+  uint64_t usable_bytes = 0;  // budget - margin: a plan fits when its peak is at most this
+  int64_t measured_steps = 2;
+  uint64_t seed = 1337;
+  torch::Device device = torch::kCPU;
+};
+
+// Runs one trial. Never throws for OOM; a trial that ran no step is reported as an error
+// (fits = false, reason says so).
+Trial run_trial(Workload& workload, const Plan& plan, const ProbeOptions& opt, MemoryMeter& meter);
+
+struct TunerRequest {
+  int64_t global_batch = 32;
+  uint64_t budget_bytes = 0;
+  uint64_t usable_bytes = 0;  // budget - margin
+  std::string search = "model";  // model | power | halve
+  // Pins (nullopt: free)
+  std::optional<int64_t> micro_batch, seq_len;
+  std::optional<Precision> precision;
+  std::optional<bool> checkpointing;
+  bool allow_shrink_seq = false, allow_shrink_width = false;
+  bool start_small = false;   // ultra-low-mem: start from the smallest micro-batch
+  int64_t max_micro_batch = 0;  // a preset's bound (0: none)
+  std::vector<Precision> allowed_precisions;  // a preset's list (empty: fp32 and bf16)
+  int64_t eval_batch = 0;
+  ProbeOptions probe;
+};
+
+struct TunerResult {
+  std::optional<Plan> plan;       // nullopt: infeasible
+  std::vector<Trial> trials;
+  double probe_seconds = 0;
+  bool shrunk_task = false;       // seq_len or width changed (allowed by --allow-shrink)
+  std::string shrink_note;        // what changed, said loudly
+  std::string infeasible_message; // the one line for an infeasible budget
+};
+
+// Called after each trial (for progress lines).
+using TrialCallback = std::function<void(const Trial&)>;
+
+TunerResult tune(Workload& workload, const TunerRequest& request, MemoryMeter& meter,
+                 const TrialCallback& on_trial = {});
+
+// Divisors of n in increasing order (micro-batches that keep the effective batch exact).
+std::vector<int64_t> divisors(int64_t n);
+
+}  // namespace autotune

@@ -1,0 +1,84 @@
+// Workload: what the tuner and the trainer talk to. The tuner never includes a concrete workload's
+// header; it reads knobs and asks for models, batches and estimate terms through this interface.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "autotune/plan.h"
+
+namespace autotune {
+
+struct Batch {
+  torch::Tensor input;   // e.g. [B, T] int64 tokens
+  torch::Tensor target;  // e.g. [B, T] int64 next tokens
+};
+
+// A model built by a workload for one plan. Parameters are fp32 master weights; autocast (owned
+// by the trainer) decides the compute dtype.
+class TrainableModel : public torch::nn::Module {
+ public:
+  // Mean loss over the batch (scalar, fp32). Forward only: the trainer owns backward.
+  virtual torch::Tensor loss(const Batch& batch) = 0;
+  // Recompute activations in backward (no-op where the model has no checkpointing).
+  virtual void set_checkpointing(bool on) {}
+  // nanoGPT's rule: every parameter with dim >= 2 (matrices, embeddings) decays; biases and
+  // norm gains do not.
+  std::vector<torch::Tensor> decay_parameters();
+  std::vector<torch::Tensor> no_decay_parameters();
+};
+
+// Which knobs of a Plan this workload honours. micro_batch and precision always.
+struct WorkloadKnobs {
+  bool seq_len = false;        // can the sequence length change (only with --allow-shrink seq)
+  bool width = false;          // can the model width change (only with --allow-shrink width)
+  bool checkpointing = false;  // is activation checkpointing implemented
+};
+
+// Analytic memory terms of one plan, in bytes, computed by the workload that knows its structure.
+// The tuner's Estimator adds optimizer state, allocator slack and calibration.
+struct EstimateTerm {
+  std::string name;  // "params", "activations", "logits", ...
+  double bytes = 0;
+};
+struct EstimateTerms {
+  int64_t n_params = 0;
+  std::vector<EstimateTerm> terms;  // saved-for-backward and working memory at the peak
+};
+
+class Workload {
+ public:
+  virtual ~Workload() = default;
+
+  virtual std::string kind() const = 0;        // "gpt", "lstm"
+  virtual std::string model_name() const = 0;  // preset or file stem, for tables and file names
+  virtual nlohmann::json config() const = 0;   // full model + data config (fingerprint)
+  virtual WorkloadKnobs knobs() const = 0;
+  virtual int64_t default_seq_len() const = 0;
+  virtual int64_t default_width() const = 0;
+  // Checks a plan against the model and the data; throws UsageError naming the fix.
+  virtual void validate(const Plan& plan) const = 0;
+  // Units of work per sequence for throughput ("tokens" for a language model, "samples" else).
+  virtual int64_t tokens_per_sequence(const Plan& plan) const = 0;
+
+  // A fresh model for the plan on `device`; initialisation is deterministic in `seed`.
+  virtual std::shared_ptr<TrainableModel> build(const Plan& plan, torch::Device device,
+                                                uint64_t seed) = 0;
+
+  // Sequences [first, first+count) of the global batch of optimizer step `step`. The content of a
+  // sample depends only on (seed, step, index), never on how the global batch is split into
+  // micro-batches: that is what makes grad accumulation and OOM recovery exact.
+  virtual Batch train_batch(int64_t step, int64_t first, int64_t count, const Plan& plan,
+                            torch::Device device) = 0;
+  // Sequences [first, first+count) of the fixed validation set.
+  virtual Batch val_batch(int64_t first, int64_t count, const Plan& plan,
+                          torch::Device device) = 0;
+
+  virtual EstimateTerms estimate_terms(const Plan& plan) const = 0;
+};
+
+}  // namespace autotune

@@ -1,0 +1,104 @@
+#include "autotune/checkpoint.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+
+#include "autotune/atomic_file.h"
+#include "autotune/errors.h"
+
+namespace fs = std::filesystem;
+
+namespace autotune {
+
+std::string checkpoint_dir(const std::string& run_dir) { return run_dir + "/checkpoints"; }
+
+std::vector<std::string> list_checkpoints(const std::string& run_dir) {
+  std::vector<std::string> out;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(checkpoint_dir(run_dir), ec)) {
+    const auto name = e.path().filename().string();
+    if (name.rfind("step_", 0) == 0 && e.path().extension() == ".pt") out.push_back(e.path());
+  }
+  std::sort(out.begin(), out.end());  // zero-padded step numbers sort by step
+  return out;
+}
+
+std::string save_checkpoint(const std::string& run_dir, const CheckpointMeta& meta,
+                            torch::nn::Module& model, torch::optim::Optimizer& optimizer,
+                            const torch::Tensor& loss_scaler_state, int keep) {
+  const std::string dir = checkpoint_dir(run_dir);
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec)
+    throw RuntimeError("cannot create checkpoint directory " + dir + ": " + ec.message() +
+                       "; choose a writable --run-dir");
+  char name[32];
+  std::snprintf(name, sizeof name, "step_%08lld.pt", static_cast<long long>(meta.step));
+  const std::string path = dir + "/" + name;
+
+  atomic_write_with(path, [&](const std::string& tmp) {
+    torch::serialize::OutputArchive archive;
+    torch::serialize::OutputArchive model_archive, optim_archive;
+    model.save(model_archive);
+    optimizer.save(optim_archive);
+    archive.write("model", model_archive);
+    archive.write("optimizer", optim_archive);
+    nlohmann::json m = {{"step", meta.step}, {"plan", meta.plan},
+                        {"seed", meta.seed},  {"workload", meta.workload}};
+    archive.write("meta", c10::IValue(m.dump()));
+    archive.write("rng_cpu", at::detail::getDefaultCPUGenerator().get_state(), /*is_buffer=*/true);
+    archive.write("loss_scaler", loss_scaler_state, /*is_buffer=*/true);
+    archive.save_to(tmp);
+  });
+
+  auto all = list_checkpoints(run_dir);
+  for (size_t i = 0; keep > 0 && i + static_cast<size_t>(keep) < all.size(); ++i)
+    fs::remove(all[i], ec);
+  return path;
+}
+
+namespace {
+CheckpointMeta parse_meta(torch::serialize::InputArchive& archive) {
+  c10::IValue v;
+  archive.read("meta", v);
+  auto m = nlohmann::json::parse(v.toStringRef());
+  CheckpointMeta meta;
+  meta.step = m.at("step").get<int64_t>();
+  meta.plan = m.at("plan").get<Plan>();
+  meta.seed = m.at("seed").get<uint64_t>();
+  meta.workload = m.at("workload");
+  return meta;
+}
+}  // namespace
+
+std::optional<CheckpointMeta> read_checkpoint_meta(const std::string& path) {
+  try {
+    torch::serialize::InputArchive archive;
+    archive.load_from(path);
+    return parse_meta(archive);
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+}
+
+CheckpointMeta load_checkpoint(const std::string& path, torch::nn::Module& model,
+                               torch::optim::Optimizer& optimizer,
+                               torch::Tensor* loss_scaler_state) {
+  torch::serialize::InputArchive archive;
+  archive.load_from(path);
+  CheckpointMeta meta = parse_meta(archive);
+  torch::serialize::InputArchive model_archive, optim_archive;
+  archive.read("model", model_archive);
+  archive.read("optimizer", optim_archive);
+  model.load(model_archive);
+  optimizer.load(optim_archive);
+  torch::Tensor rng;
+  archive.read("rng_cpu", rng, /*is_buffer=*/true);
+  at::Generator gen = at::detail::getDefaultCPUGenerator();  // a handle: shares the state
+  gen.set_state(rng);
+  if (loss_scaler_state) archive.read("loss_scaler", *loss_scaler_state, /*is_buffer=*/true);
+  return meta;
+}
+
+}  // namespace autotune

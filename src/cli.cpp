@@ -1,0 +1,231 @@
+#include "autotune/cli.h"
+
+#include <csignal>
+#include <cstdio>
+#include <iostream>
+#include <memory>
+
+#include <cxxopts.hpp>
+#include <spdlog/spdlog.h>
+
+#include "autotune/commands.h"
+#include "autotune/errors.h"
+#include "autotune/run_spec.h"
+#include "autotune/size.h"
+
+namespace autotune {
+
+namespace {
+
+const char* kUsage =
+    "usage: autotune [run] --budget SIZE [options]   probe (or reuse a profile), then train\n"
+    "       autotune probe --budget SIZE [options]   probe and write the profile; no training\n"
+    "       autotune train [plan flags] [options]    train with an explicit plan\n"
+    "       autotune estimate [plan flags] [options] analytic memory breakdown; runs nothing\n"
+    "       autotune prepare-data --input PATH... --output FILE\n"
+    "       autotune profiles list | show FILE | diff A B\n"
+    "sizes: 10G = 10 GiB (2^30 bytes), 10GB = 10^9 bytes, 512M, 0.5T, bytes, 80% of the device\n";
+
+void add_common(cxxopts::Options& o) {
+  o.add_options("common")
+      ("model", "GPT preset (gpt-tiny, gpt-mini, gpt-10m, gpt2-small), lstm preset, or JSON file",
+       cxxopts::value<std::string>())
+      ("data", "token file from prepare-data (default data/corpus.tok)",
+       cxxopts::value<std::string>())
+      ("device", "auto | cpu | cuda[:N]", cxxopts::value<std::string>())
+      ("global-batch", "sequences per optimizer step", cxxopts::value<int64_t>())
+      ("batch-tokens", "tokens per optimizer step (instead of --global-batch)",
+       cxxopts::value<int64_t>())
+      ("steps", "optimizer steps", cxxopts::value<int64_t>())
+      ("seed", "random seed", cxxopts::value<uint64_t>())
+      ("lr", "peak learning rate", cxxopts::value<double>())
+      ("eval-every", "evaluate every N steps (0: at the end)", cxxopts::value<int64_t>())
+      ("eval-sequences", "validation sequences per evaluation", cxxopts::value<int64_t>())
+      ("log-every", "progress line every N steps", cxxopts::value<int64_t>())
+      ("run-dir", "checkpoints and memory timeline go here", cxxopts::value<std::string>())
+      ("checkpoint-every", "checkpoint every N steps (0: at the end)", cxxopts::value<int64_t>())
+      ("resume", "continue from the newest checkpoint in --run-dir")
+      ("budget", "memory budget, e.g. 10G", cxxopts::value<std::string>())
+      ("margin", "safety margin below the budget (bytes or %)", cxxopts::value<std::string>())
+      ("profile-dir", "profile store (default profiles/)", cxxopts::value<std::string>())
+      ("profile", "use this profile file", cxxopts::value<std::string>())
+      ("mode", "auto | normal | low | ultra-low", cxxopts::value<std::string>())
+      ("preset", "tuner policy from profiles/presets", cxxopts::value<std::string>())
+      ("search", "model | power | halve", cxxopts::value<std::string>())
+      ("allow-shrink", "seq,width: knobs that may change the task or model",
+       cxxopts::value<std::string>())
+      ("reprobe", "probe even if a profile matches")
+      ("require-profile-save", "fail when the profile cannot be saved")
+      ("json", "print one JSON summary on stdout")
+      ("h,help", "show help");
+  o.add_options("plan")
+      ("micro-batch", "sequences per forward/backward", cxxopts::value<int64_t>())
+      ("grad-accum", "micro-batches per optimizer step", cxxopts::value<int64_t>())
+      ("precision", "fp32 | bf16 | fp16", cxxopts::value<std::string>())
+      ("checkpointing", "on | off", cxxopts::value<std::string>())
+      ("seq-len", "tokens per sequence", cxxopts::value<int64_t>())
+      ("eval-batch", "sequences per evaluation forward", cxxopts::value<int64_t>());
+}
+
+template <typename T>
+void take(const cxxopts::ParseResult& r, const char* name, T& out) {
+  if (r.count(name)) out = r[name].as<T>();
+}
+template <typename T>
+void take(const cxxopts::ParseResult& r, const char* name, std::optional<T>& out) {
+  if (r.count(name)) out = r[name].as<T>();
+}
+
+int64_t positive(const char* flag, int64_t v) {
+  if (v < 1) throw UsageError(std::string("--") + flag + " must be a positive integer, got " +
+                              std::to_string(v));
+  return v;
+}
+
+RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r) {
+  RunSpec s;
+  s.command = command;
+  take(r, "model", s.model);
+  take(r, "data", s.data);
+  take(r, "device", s.device);
+  take(r, "global-batch", s.global_batch);
+  take(r, "batch-tokens", s.batch_tokens);
+  take(r, "steps", s.steps);
+  take(r, "seed", s.seed);
+  take(r, "lr", s.lr);
+  take(r, "eval-every", s.eval_every);
+  take(r, "eval-sequences", s.eval_sequences);
+  take(r, "log-every", s.log_every);
+  take(r, "run-dir", s.run_dir);
+  take(r, "checkpoint-every", s.checkpoint_every);
+  s.resume = r.count("resume") > 0;
+  take(r, "budget", s.budget_text);
+  take(r, "margin", s.margin_text);
+  s.margin_given = r.count("margin") > 0;
+  s.mode_given = r.count("mode") > 0;
+  take(r, "profile-dir", s.profile_dir);
+  take(r, "profile", s.profile_file);
+  take(r, "preset", s.preset);
+  take(r, "search", s.search);
+  s.reprobe = r.count("reprobe") > 0;
+  s.require_profile_save = r.count("require-profile-save") > 0;
+  s.json = r.count("json") > 0;
+  take(r, "micro-batch", s.micro_batch);
+  take(r, "grad-accum", s.grad_accum);
+  take(r, "seq-len", s.seq_len);
+  take(r, "eval-batch", s.eval_batch);
+  if (r.count("precision")) s.precision = parse_precision(r["precision"].as<std::string>());
+  if (r.count("checkpointing")) {
+    auto v = r["checkpointing"].as<std::string>();
+    if (v != "on" && v != "off")
+      throw UsageError("invalid --checkpointing '" + v + "': use on or off");
+    s.checkpointing = v == "on";
+  }
+  if (r.count("mode")) {
+    auto m = r["mode"].as<std::string>();
+    if (m == "auto") s.mode = Mode::auto_;
+    else if (m == "normal") s.mode = Mode::normal;
+    else if (m == "low") s.mode = Mode::low;
+    else if (m == "ultra-low") s.mode = Mode::ultra_low;
+    else throw UsageError("invalid --mode '" + m + "': use auto, normal, low or ultra-low");
+  }
+  if (s.search != "model" && s.search != "power" && s.search != "halve")
+    throw UsageError("invalid --search '" + s.search + "': use model, power or halve");
+  if (r.count("allow-shrink")) {
+    std::string list = r["allow-shrink"].as<std::string>();
+    size_t start = 0;
+    while (start <= list.size()) {
+      size_t comma = list.find(',', start);
+      std::string item = list.substr(start, comma == std::string::npos ? std::string::npos
+                                                                         : comma - start);
+      if (item == "seq") s.allow_shrink_seq = true;
+      else if (item == "width") s.allow_shrink_width = true;
+      else throw UsageError("invalid --allow-shrink item '" + item + "': use seq, width or seq,width");
+      if (comma == std::string::npos) break;
+      start = comma + 1;
+    }
+  }
+  // Value checks, all here.
+  if (s.global_batch) positive("global-batch", *s.global_batch);
+  positive("steps", s.steps);
+  if (s.batch_tokens) positive("batch-tokens", *s.batch_tokens);
+  if (s.micro_batch) positive("micro-batch", *s.micro_batch);
+  if (s.grad_accum) positive("grad-accum", *s.grad_accum);
+  if (s.seq_len) positive("seq-len", *s.seq_len);
+  if (s.eval_batch) positive("eval-batch", *s.eval_batch);
+  if (s.eval_every < 0 || s.checkpoint_every < 0 || s.eval_sequences < 0)
+    throw UsageError("--eval-every, --checkpoint-every and --eval-sequences must be >= 0");
+  if (!(s.lr > 0 && s.lr < 10)) throw UsageError("--lr must be in (0, 10)");
+  if (s.global_batch && s.batch_tokens)
+    throw UsageError("give --global-batch or --batch-tokens, not both");
+  if (s.resume && s.run_dir.empty())
+    throw UsageError("--resume needs --run-dir DIR (the directory of the run to continue)");
+  if (s.budget_text.empty() && (command == "run" || command == "probe"))
+    throw UsageError("autotune " + command + " needs --budget SIZE, e.g. --budget 8G");
+  if (!s.budget_text.empty()) parse_size(s.budget_text, uint64_t{1} << 40);  // syntax check
+  return s;
+}
+
+int dispatch(int argc, char** argv) {
+  std::string command = "run";
+  int first = 1;
+  if (argc > 1 && argv[1][0] != '-') {
+    command = argv[1];
+    first = 2;
+  }
+  if (command == "help") {
+    std::fputs(kUsage, stdout);
+    return kExitOk;
+  }
+  if (command == "prepare-data") return prepare_data_command(argc - first + 1, argv + first - 1);
+  if (command == "profiles") return profiles_command(argc - first + 1, argv + first - 1);
+  if (command != "run" && command != "probe" && command != "train" && command != "estimate")
+    throw UsageError("unknown command '" + command +
+                     "': use run, probe, train, estimate, prepare-data or profiles");
+
+  cxxopts::Options options("autotune " + command, kUsage);
+  add_common(options);
+  std::vector<char*> args = {argv[0]};
+  for (int i = first; i < argc; ++i) args.push_back(argv[i]);
+  auto result = options.parse(static_cast<int>(args.size()), args.data());
+  if (!result.unmatched().empty())
+    throw UsageError("unexpected argument '" + result.unmatched()[0] + "'; see autotune --help");
+  if (result.count("help")) {
+    std::cout << options.help() << std::endl;
+    return kExitOk;
+  }
+  RunSpec spec = spec_from(command, result);
+  if (command == "train") return train_command(spec);
+  if (command == "estimate") return estimate_command(spec);
+  return tune_command(spec);  // run | probe
+}
+
+}  // namespace
+
+int cli_main(int argc, char** argv) {
+  init_logging_once();
+  try {
+    return dispatch(argc, argv);
+  } catch (const UsageError& e) {
+    spdlog::error("{}", e.what());
+    return kExitUsage;
+  } catch (const cxxopts::exceptions::exception& e) {
+    spdlog::error("{}; see autotune --help", e.what());
+    return kExitUsage;
+  } catch (const RuntimeError& e) {
+    spdlog::error("{}", e.what());
+    return kExitRuntime;
+  } catch (const c10::OutOfMemoryError& e) {
+    spdlog::error("out of memory: {}; give a larger --budget or a smaller plan",
+                  e.what_without_backtrace());
+    return kExitRuntime;
+  } catch (const c10::Error& e) {
+    spdlog::error("libtorch error: {}", e.what_without_backtrace());
+    return kExitRuntime;
+  } catch (const std::exception& e) {
+    spdlog::error("{}", e.what());
+    return kExitRuntime;
+  }
+}
+
+}  // namespace autotune

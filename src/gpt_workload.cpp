@@ -1,0 +1,228 @@
+#include "autotune/gpt_workload.h"
+
+#include <string>
+
+#include "autotune/batch_loader.h"
+#include "autotune/errors.h"
+#include "autotune/sample_cache.h"
+
+namespace autotune {
+
+namespace {
+// splitmix64: a cheap, well-mixed hash, so a window's position depends only on its coordinates.
+uint64_t mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+constexpr uint64_t kValStream = 0x5a17ULL << 40;  // keeps validation windows apart from steps
+}  // namespace
+
+GptWorkload::GptWorkload(GptConfig config, std::shared_ptr<TokenFile> data, uint64_t seed)
+    : config_(std::move(config)), data_(std::move(data)), seed_(seed) {
+  config_.validate();
+  if (data_->vocab_size() > static_cast<uint32_t>(config_.vocab_size))
+    throw UsageError("data " + data_->path() + " has vocab " + std::to_string(data_->vocab_size()) +
+                     " but model '" + config_.name + "' has vocab_size " +
+                     std::to_string(config_.vocab_size) +
+                     "; set vocab_size >= " + std::to_string(data_->vocab_size()));
+  // The file is used as given until set_data_options asks for something else.
+  options_.read_mode = data_->mode();
+}
+
+GptWorkload::~GptWorkload() {
+  stop_loader();
+}
+
+void GptWorkload::stop_loader() {
+  if (!loader_) return;
+  const PrefetchStats p = loader_->stats();
+  retired_.prefetch_hits += p.hits;
+  retired_.prefetch_misses += p.misses;
+  retired_.prefetch_discarded += p.discarded;
+  loader_.reset();  // joins the thread
+}
+
+void GptWorkload::set_data_options(const DataOptions& options) {
+  if (options.prefetch_batches < 0)
+    throw UsageError("prefetch_batches must be >= 0, got " +
+                     std::to_string(options.prefetch_batches));
+  // Open first: if the file cannot be reopened, nothing has changed yet.
+  std::shared_ptr<TokenFile> file = data_;
+  if (options.read_mode != data_->mode()) file = TokenFile::open(data_->path(), options.read_mode);
+
+  stop_loader();
+  const bool new_file = file != data_;
+  data_ = std::move(file);
+  if (cache_ && (options.cache_bytes != cache_->capacity_bytes() || new_file)) {
+    const SampleCacheStats c = cache_->stats();
+    retired_.cache_hits += c.hits;
+    retired_.cache_misses += c.misses;
+    retired_.cache_evictions += c.evictions;
+    cache_.reset();
+  }
+  if (!cache_ && options.cache_bytes > 0)
+    cache_ = std::make_unique<SampleCache>(options.cache_bytes);
+  options_ = options;
+  if (options_.prefetch_batches > 0) {
+    loader_ = std::make_unique<BatchLoader>(
+        [this](const BatchKey& k, const std::atomic<bool>& cancel) {
+          return fill(Split::train, static_cast<uint64_t>(k.step), k.first, k.count, k.seq_len,
+                      &cancel);
+        },
+        options_.prefetch_batches);
+  }
+}
+
+DataStats GptWorkload::data_stats() const {
+  DataStats s;
+  s.read_mode = data_->mode();
+  s.cache_hits = retired_.cache_hits;
+  s.cache_misses = retired_.cache_misses;
+  s.cache_evictions = retired_.cache_evictions;
+  if (cache_) {
+    const SampleCacheStats c = cache_->stats();
+    s.cache_hits += c.hits;
+    s.cache_misses += c.misses;
+    s.cache_evictions += c.evictions;
+    s.cache_entries = c.entries;
+    s.cache_bytes_in_use = c.bytes_in_use;
+    s.cache_capacity_bytes = c.capacity_bytes;
+  }
+  s.prefetch_batches = loader_ ? loader_->max_batches() : 0;
+  s.prefetch_hits = retired_.prefetch_hits;
+  s.prefetch_misses = retired_.prefetch_misses;
+  s.prefetch_discarded = retired_.prefetch_discarded;
+  if (loader_) {
+    const PrefetchStats p = loader_->stats();
+    s.prefetch_hits += p.hits;
+    s.prefetch_misses += p.misses;
+    s.prefetch_discarded += p.discarded;
+    s.prefetch_ready = p.ready;
+  }
+  return s;
+}
+
+nlohmann::json GptWorkload::config() const {
+  return {{"workload", "gpt"},
+          {"model", config_.to_json()},
+          {"data",
+           {{"path", data_->path()},
+            {"train_tokens", data_->tokens(Split::train)},
+            {"val_tokens", data_->tokens(Split::val)}}}};
+}
+
+GptConfig GptWorkload::config_for(const Plan& plan) const {
+  GptConfig c = config_;
+  if (plan.seq_len) c.seq_len = plan.seq_len;
+  if (plan.d_model) c.d_model = plan.d_model;
+  return c;
+}
+
+void GptWorkload::validate(const Plan& plan) const {
+  config_for(plan).validate();
+  const int64_t T = seq_len(plan);
+  // A window is T+1 tokens (inputs and shifted targets); both splits must hold at least one.
+  for (Split s : {Split::train, Split::val}) {
+    uint64_t n = data_->tokens(s);
+    if (n < static_cast<uint64_t>(T) + 2)
+      throw UsageError("seq_len " + std::to_string(T) + " is beyond the data: the " +
+                       (s == Split::train ? "train" : "validation") + " split of " + data_->path() +
+                       " has " + std::to_string(n) +
+                       " tokens; use a shorter --seq-len or more text");
+  }
+}
+
+std::shared_ptr<TrainableModel> GptWorkload::build(const Plan& plan, torch::Device device,
+                                                   uint64_t seed) {
+  torch::manual_seed(seed);
+  auto model = std::make_shared<GptModel>(config_for(plan), plan.checkpointing);
+  model->to(device);
+  return model;
+}
+
+torch::Tensor GptWorkload::fill(Split split, uint64_t stream, int64_t first, int64_t count,
+                                int64_t T, const std::atomic<bool>* cancel) const {
+  const uint64_t n_starts = data_->tokens(split) - static_cast<uint64_t>(T);  // window = T+1
+  // [count, T+1] tokens; input = [:, :T], target = [:, 1:]
+  auto buf = torch::empty({count, T + 1}, torch::kInt64);
+  int64_t* out = buf.data_ptr<int64_t>();
+  for (int64_t i = 0; i < count; ++i) {
+    if (cancel != nullptr && cancel->load(std::memory_order_relaxed)) return torch::Tensor();
+    // The position depends on (seed, stream, index) only: never on how a step is split into
+    // micro-batches, nor on the read path below.
+    const uint64_t h = mix(seed_ ^ mix(stream ^ mix(static_cast<uint64_t>(first + i))));
+    const uint64_t offset = h % n_starts;
+    int64_t* window = out + i * (T + 1);
+    if (cache_) {
+      cache_->read(*data_, split, offset, T + 1, window);
+    } else {
+      data_->read(split, offset, T + 1, window);
+    }
+  }
+  return buf;
+}
+
+Batch GptWorkload::to_batch(const torch::Tensor& buf, torch::Device device) const {
+  const int64_t T = buf.size(1) - 1;
+  Batch b{buf.narrow(1, 0, T), buf.narrow(1, 1, T)};
+  if (device != torch::kCPU) {
+    b.input = b.input.to(device);
+    b.target = b.target.to(device);
+  }
+  return b;
+}
+
+Batch GptWorkload::train_batch(int64_t step, int64_t first, int64_t count, const Plan& plan,
+                               torch::Device device) {
+  const int64_t T = seq_len(plan);
+  if (loader_ && count > 0) return to_batch(loader_->get({step, first, count, T}), device);
+  return to_batch(fill(Split::train, static_cast<uint64_t>(step), first, count, T, nullptr),
+                  device);
+}
+
+Batch GptWorkload::val_batch(int64_t first, int64_t count, const Plan& plan, torch::Device device) {
+  // Not prefetched: evaluation is rare and short. The cache is where its windows, the same at
+  // every evaluation, are served again.
+  return to_batch(fill(Split::val, kValStream, first, count, seq_len(plan), nullptr), device);
+}
+
+EstimateTerms GptWorkload::estimate_terms(const Plan& plan) const {
+  // Bytes alive at the peak of a training step, counted from what autograd saves for backward
+  // (docs/ESTIMATOR.md derives each term). B*T positions, C width, L layers, V vocab.
+  const GptConfig c = config_for(plan);
+  const double B = static_cast<double>(plan.micro_batch), T = static_cast<double>(c.seq_len);
+  const double C = static_cast<double>(c.d_model), L = static_cast<double>(c.n_layer);
+  const double V = static_cast<double>(c.vocab_size), H = static_cast<double>(c.n_head);
+  const bool low = plan.precision != Precision::fp32;
+  const double BT = B * T;
+
+  EstimateTerms e;
+  e.n_params = c.n_params();
+  // Saved per block and position, fp32: residual x (C), ln1 out (C), qkv (3C), attention out (C)
+  // and its contiguous copy (C), residual x2 (C), ln2 out (C), fc out (4C), gelu out (4C) = 17C
+  // floats, plus the attention's log-sum-exp (H floats). Under autocast the residual stream stays
+  // fp32 (2 x 4C bytes) and the 15C others are 2-byte copies.
+  const double per_pos_block = low ? (2 * 4 * C + 15 * 2 * C + 4 * H) : (17 * 4 * C + 4 * H);
+  if (plan.checkpointing) {
+    // Only each block's input survives forward; one block is recomputed at a time in backward.
+    e.terms.push_back({"activations", BT * (L * 4 * C + per_pos_block)});
+  } else {
+    e.terms.push_back({"activations", BT * L * per_pos_block});
+  }
+  // Embedding output and final LayerNorm output/inputs: ~3 fp32 [B, T, C] tensors.
+  e.terms.push_back({"embeddings", BT * 3 * 4 * C});
+  // Logits [B, T, V] (2 or 4 bytes), their fp32 copy for the loss under autocast, the saved
+  // log-softmax (4 bytes), and in backward the fp32 gradient of the logits.
+  e.terms.push_back({"logits", BT * V * ((low ? 2 + 4 : 4) + 4 + 4)});
+  // Working memory of one block's backward (gradients of its largest activations: fc/gelu 4C
+  // twice) that exists beside the saved tensors at the peak.
+  e.terms.push_back({"backward_working", BT * 2 * 4 * C * (low ? 2 : 4)});
+  // Inputs and targets: int64 [B, T+1] buffer.
+  e.terms.push_back({"batch", B * (T + 1) * 8});
+  if (low) e.terms.push_back({"autocast_weight_copies", 2.0 * static_cast<double>(e.n_params)});
+  return e;
+}
+
+}  // namespace autotune

@@ -1,0 +1,148 @@
+#include "autotune/lstm_workload.h"
+
+#include <cmath>
+
+#include "autotune/errors.h"
+
+namespace autotune {
+
+void LstmConfig::validate() const {
+  auto need = [&](bool ok, const std::string& what) {
+    if (!ok) throw UsageError("model '" + name + "': " + what);
+  };
+  need(channels >= 1 && channels <= 4096, "channels must be in [1, 4096]");
+  need(hidden >= 1 && hidden <= 16384, "hidden must be in [1, 16384]");
+  need(layers >= 1 && layers <= 64, "layers must be in [1, 64]");
+  need(seq_len >= 2 && seq_len <= 100000, "seq_len must be in [2, 100000]");
+  need(outputs >= 1 && outputs <= 1024, "outputs must be in [1, 1024]");
+}
+
+nlohmann::json LstmConfig::to_json() const {
+  return {{"name", name},     {"channels", channels}, {"hidden", hidden},
+          {"layers", layers}, {"seq_len", seq_len},   {"outputs", outputs}};
+}
+
+LstmConfig load_lstm_config(const std::string& preset) {
+  LstmConfig c;
+  c.name = preset;
+  if (preset == "lstm-small") {
+  } else if (preset == "lstm-medium") {
+    c.hidden = 512;
+  } else if (preset == "lstm-large") {
+    c.hidden = 1024;
+    c.layers = 3;
+  } else {
+    throw UsageError("unknown model '" + preset + "': LSTM presets are lstm-small, lstm-medium, "
+                     "lstm-large");
+  }
+  c.validate();
+  return c;
+}
+
+namespace {
+uint64_t mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+// [B, T, channels] -> [B, T, outputs] through a stacked LSTM and a linear head.
+class LstmRegressor : public TrainableModel {
+ public:
+  explicit LstmRegressor(const LstmConfig& c) {
+    lstm_ = register_module(
+        "lstm", torch::nn::LSTM(torch::nn::LSTMOptions(c.channels, c.hidden)
+                                    .num_layers(c.layers)
+                                    .batch_first(true)));
+    head_ = register_module("head", torch::nn::Linear(c.hidden, c.outputs));
+  }
+  torch::Tensor loss(const Batch& b) override {
+    auto h = std::get<0>(lstm_->forward(b.input));  // [B, T, hidden]
+    return torch::mse_loss(head_->forward(h).to(torch::kFloat32), b.target);
+  }
+
+ private:
+  torch::nn::LSTM lstm_{nullptr};
+  torch::nn::Linear head_{nullptr};
+};
+constexpr uint64_t kValStream = 0x5a17ULL << 40;
+}  // namespace
+
+LstmWorkload::LstmWorkload(LstmConfig config, uint64_t seed)
+    : config_(std::move(config)), seed_(seed) {
+  config_.validate();
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(mix(seed_));
+  mixing_ = torch::randn({config_.outputs, config_.channels}, gen);
+}
+
+nlohmann::json LstmWorkload::config() const {
+  return {{"workload", "lstm"}, {"model", config_.to_json()}, {"data", "synthetic"}};
+}
+
+void LstmWorkload::validate(const Plan& plan) const {
+  if (plan.d_model && plan.d_model != config_.hidden)
+    throw UsageError("the LSTM workload has no width knob; drop --allow-shrink width");
+  if (seq_len(plan) < 2) throw UsageError("--seq-len must be at least 2 for the LSTM workload");
+}
+
+std::shared_ptr<TrainableModel> LstmWorkload::build(const Plan& plan, torch::Device device,
+                                                    uint64_t seed) {
+  torch::manual_seed(seed);
+  auto m = std::make_shared<LstmRegressor>(config_);
+  m->to(device);
+  return m;
+}
+
+Batch LstmWorkload::windows(uint64_t stream, int64_t first, int64_t count, const Plan& plan,
+                            torch::Device device) const {
+  const int64_t T = seq_len(plan), K = config_.outputs;
+  // Angles: per sample and joint, a sum of two sinusoids with hashed frequency and phase.
+  auto angles = torch::empty({count, T, K});
+  auto a = angles.accessor<float, 3>();
+  for (int64_t i = 0; i < count; ++i) {
+    const uint64_t h = mix(seed_ ^ mix(stream ^ mix(static_cast<uint64_t>(first + i))));
+    for (int64_t k = 0; k < K; ++k) {
+      const uint64_t hk = mix(h + static_cast<uint64_t>(k));
+      const double f1 = 0.01 + 0.05 * static_cast<double>(hk & 0xffff) / 65535.0;
+      const double f2 = 0.02 + 0.08 * static_cast<double>((hk >> 16) & 0xffff) / 65535.0;
+      const double p1 = 6.283 * static_cast<double>((hk >> 32) & 0xffff) / 65535.0;
+      const double p2 = 6.283 * static_cast<double>((hk >> 48) & 0xffff) / 65535.0;
+      for (int64_t t = 0; t < T; ++t)
+        a[i][t][k] = static_cast<float>(std::sin(f1 * t + p1) + 0.5 * std::sin(f2 * t + p2));
+    }
+  }
+  // Signal: velocities mixed into channels, plus a little deterministic noise.
+  auto velocity = torch::cat({torch::zeros({count, 1, K}), angles.diff(1, 1)}, 1) * 10.0;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(mix(seed_ ^ stream ^ (first * 7919)));
+  auto signal = torch::matmul(velocity, mixing_) + 0.05 * torch::randn({count, T, config_.channels}, gen);
+  return {signal.to(device), angles.to(device)};
+}
+
+Batch LstmWorkload::train_batch(int64_t step, int64_t first, int64_t count, const Plan& plan,
+                                torch::Device device) {
+  return windows(static_cast<uint64_t>(step), first, count, plan, device);
+}
+
+Batch LstmWorkload::val_batch(int64_t first, int64_t count, const Plan& plan,
+                              torch::Device device) {
+  return windows(kValStream, first, count, plan, device);
+}
+
+EstimateTerms LstmWorkload::estimate_terms(const Plan& plan) const {
+  const double B = static_cast<double>(plan.micro_batch), T = static_cast<double>(seq_len(plan));
+  const double Hd = static_cast<double>(config_.hidden), L = static_cast<double>(config_.layers);
+  const double C = static_cast<double>(config_.channels), K = static_cast<double>(config_.outputs);
+  const double bytes = plan.precision == Precision::fp32 ? 4 : 2;
+  EstimateTerms e;
+  const double h4 = 4 * Hd;
+  e.n_params = static_cast<int64_t>(h4 * (C + Hd + 2) + (L - 1) * h4 * (Hd + Hd + 2) + K * (Hd + 1));
+  // Per layer and time step the LSTM keeps its 4 gates, cell and hidden state for backward
+  // (6H values), plus the layer's input.
+  e.terms.push_back({"activations", B * T * L * (6 * Hd + Hd) * bytes});
+  e.terms.push_back({"batch", B * T * (C + K) * 4 * 2});
+  e.terms.push_back({"head", B * T * K * 4 * 3});
+  return e;
+}
+
+}  // namespace autotune

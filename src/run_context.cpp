@@ -1,0 +1,216 @@
+#include "autotune/run_context.h"
+
+#include <csignal>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include "autotune/commands.h"
+#include "autotune/errors.h"
+#include "autotune/fault_injection.h"
+#include "autotune/preset.h"
+#include "autotune/reporter.h"
+#include "autotune/size.h"
+
+namespace autotune {
+
+namespace {
+std::atomic<int> g_stop_signal{0};
+
+void on_signal(int sig) {
+  // A second signal means "now": exit without the checkpoint.
+  if (g_stop_signal.exchange(sig) != 0) _exit(128 + sig);
+  const char msg[] = "\nautotune: stopping after this step and writing a checkpoint "
+                     "(signal again to exit at once)\n";
+  ssize_t ignored = write(2, msg, sizeof msg - 1);
+  (void)ignored;
+}
+}  // namespace
+
+void install_signal_handlers() {
+  struct sigaction sa {};
+  sa.sa_handler = on_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+}
+
+const std::atomic<int>& RunContext::stop_signal() { return g_stop_signal; }
+
+RunContext::RunContext(const RunSpec& spec) : spec_(spec), device_(resolve_device(spec.device)) {
+  if (!spec_.preset.empty()) {
+    Preset preset = load_preset(spec_.preset);
+    apply_preset(preset, spec_, spec_.margin_given, spec_.mode_given);
+    spdlog::info("preset {}: {}", preset.name, preset.description);
+  }
+  meter_ = std::make_unique<MemoryMeter>(device_);
+  if (!spec_.budget_text.empty()) {
+    const uint64_t total = device_memory_info(device_).total_bytes;
+    budget_bytes_ = parse_size(spec_.budget_text, total);
+    // The margin: a percentage of the budget or a size.
+    const std::string& m = spec_.margin_text;
+    if (!m.empty() && m.back() == '%') {
+      double pct = 0;
+      try {
+        pct = std::stod(m.substr(0, m.size() - 1));
+      } catch (const std::exception&) {
+        pct = -1;
+      }
+      if (!(pct >= 0 && pct < 100))
+        throw UsageError("invalid --margin '" + m + "': use a percentage in [0, 100) or a size");
+      margin_bytes_ = static_cast<uint64_t>(static_cast<double>(*budget_bytes_) * pct / 100.0);
+    } else {
+      margin_bytes_ = parse_size(m);
+      if (margin_bytes_ >= *budget_bytes_)
+        throw UsageError("--margin " + m + " is not below the budget " + spec_.budget_text);
+    }
+  }
+  // The mode: forced by --mode, else chosen from the machine and the budget.
+  mode_ = choose_mode(spec_.mode, budget_bytes_, read_machine_facts());
+  policy_ = policy_for(mode_.mode, budget_bytes_);
+  if (spec_.preset_start_small) policy_.start_small = true;
+  if (spec_.log_every_memory > 0) policy_.monitor_every_steps = spec_.log_every_memory;
+  spdlog::info("mode {}", mode_.reason);
+  workload_ = make_workload(spec_, policy_);
+  if (!spec_.run_dir.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(spec_.run_dir, ec);
+    if (ec)
+      throw UsageError("cannot create --run-dir " + spec_.run_dir + ": " + ec.message() +
+                       "; choose a writable directory");
+  }
+  install_signal_handlers();
+}
+
+RunContext::~RunContext() {
+  if (device_.is_cpu()) cpu_alloc::set_cap(std::nullopt);
+}
+
+std::optional<uint64_t> RunContext::usable_bytes() const {
+  if (!budget_bytes_) return std::nullopt;
+  return *budget_bytes_ - margin_bytes_;
+}
+
+void RunContext::enforce_budget() {
+  if (!budget_bytes_) return;
+  if (device_.is_cpu()) {
+    const uint64_t usable = *usable_bytes(), base = meter_->baseline_bytes();
+    if (usable <= base)
+      throw RuntimeError("budget " + format_bytes(*budget_bytes_) + " (minus margin " +
+                         format_bytes(margin_bytes_) + ") is below this process's baseline of " +
+                         format_bytes(base) + " before any tensor; give a larger --budget");
+    cpu_alloc::set_cap(static_cast<int64_t>(usable - base));
+  } else {
+    enforce_device_budget(device_, *budget_bytes_);
+  }
+}
+
+TrainOptions RunContext::train_options() const {
+  TrainOptions o;
+  o.steps = spec_.steps;
+  o.lr = spec_.lr;
+  o.min_lr = spec_.lr / 10;
+  o.eval_every = spec_.eval_every;
+  o.eval_sequences = spec_.eval_sequences;
+  o.seed = spec_.seed;
+  o.device = device_;
+  o.run_dir = spec_.run_dir;
+  o.checkpoint_every = spec_.checkpoint_every;
+  o.resume = spec_.resume;
+  o.allow_precision_change = !spec_.precision.has_value();
+  o.stop_signal = &g_stop_signal;
+  o.release_between_phases = policy_.release_between_phases;
+  return o;
+}
+
+void RunContext::print_settings(const Plan& plan, const std::string& plan_source) const {
+  const Workload& w = *workload_;
+  const int64_t T = plan.seq_len ? plan.seq_len : w.default_seq_len();
+  std::vector<std::pair<std::string, std::string>> rows = {
+      {"autotune", AUTOTUNE_VERSION},
+      {"LibTorch", TORCH_VERSION},
+      {"device", device_memory_info(device_).name + " (" +
+                     format_bytes(device_memory_info(device_).total_bytes) + ")"},
+      {"threads", std::to_string(at::get_num_threads())},
+      {"workload", w.kind() + " / " + w.model_name()},
+      {"model", w.config().at("model").dump()},
+      {"plan source", plan_source},
+      {"micro_batch", std::to_string(plan.micro_batch)},
+      {"grad_accum", std::to_string(plan.grad_accum)},
+      {"global batch", std::to_string(plan.global_batch()) + " sequences = " +
+                           std::to_string(plan.global_batch() * w.tokens_per_sequence(plan)) +
+                           " tokens"},
+      {"seq_len", std::to_string(T)},
+      {"precision", to_string(plan.precision)},
+      {"checkpointing", plan.checkpointing ? "on" : "off"},
+      {"steps", std::to_string(spec_.steps)},
+      {"lr", fmt::format("{:.1e} (warmup, cosine to {:.1e})", spec_.lr, spec_.lr / 10)},
+      {"seed", std::to_string(spec_.seed)},
+      {"mode", to_string(mode_.mode)},
+      {"budget", budget_bytes_ ? format_bytes(*budget_bytes_) + " (margin " +
+                                     format_bytes(margin_bytes_) + ")"
+                               : "none"},
+      {"process baseline", format_bytes(meter_->baseline_bytes())},
+  };
+  if (!spec_.run_dir.empty()) rows.push_back({"run dir", spec_.run_dir});
+  print_table("settings", rows);
+}
+
+RunSummary RunContext::train(const Plan& plan) {
+  enforce_budget();
+  MemoryMonitorOptions mo;
+  mo.budget_bytes = budget_bytes_;
+  mo.every_steps = policy_.monitor_every_steps;
+  if (!spec_.run_dir.empty()) mo.timeline_path = spec_.run_dir + "/memory.jsonl";
+  monitor_ = std::make_unique<MemoryMonitor>(*meter_, mo);
+  ConsoleReporter console(spec_.log_every);
+  std::vector<TrainObserver*> observers = {monitor_.get(), &console};
+  std::unique_ptr<OomInjector> injector;
+  if (const char* inject = std::getenv("AUTOTUNE_INJECT_OOM"); inject && *inject) {
+    injector = std::make_unique<OomInjector>(inject);
+    observers.push_back(injector.get());
+  }
+  RunSummary s = autotune::train(*workload_, plan, train_options(), observers);
+  if (s.stop_signal)
+    spdlog::warn("stopped by signal {} at step {}; continue with the same command plus --resume{}",
+                 s.stop_signal, s.steps_done,
+                 spec_.resume ? "" : " --run-dir " + spec_.run_dir);
+  return s;
+}
+
+nlohmann::json RunContext::summary_json(const RunSummary& s) const {
+  nlohmann::json plan = s.plan;
+  plan["seq_len"] = s.plan.seq_len ? s.plan.seq_len : workload_->default_seq_len();
+  plan["d_model"] = s.plan.d_model ? s.plan.d_model : workload_->default_width();
+  plan["checkpointing"] = s.plan.checkpointing;
+  nlohmann::json recoveries = nlohmann::json::array();
+  for (const auto& r : s.recoveries)
+    recoveries.push_back({{"step", r.step + 1}, {"phase", to_string(r.phase)},
+                          {"before", r.before}, {"after", r.after}, {"eval_only", r.eval_only}});
+  return {{"plan", plan},
+          {"budget_bytes", budget_bytes_ ? nlohmann::json(*budget_bytes_) : nlohmann::json()},
+          {"memory", monitor_ ? monitor_->to_json() : nlohmann::json::object()},
+          {"tokens_per_s", s.tokens_per_s},
+          {"steps", s.steps_done},
+          {"first_step", s.first_step},
+          {"final_loss", std::isnan(s.final_loss) ? nlohmann::json() : nlohmann::json(s.final_loss)},
+          {"val_loss", std::isnan(s.val_loss) ? nlohmann::json() : nlohmann::json(s.val_loss)},
+          {"wall_s", s.wall_s},
+          {"trials", nlohmann::json::array()},
+          {"profile", nullptr},
+          {"reused_profile", false},
+          {"oom_recoveries", s.recoveries.size()},
+          {"recoveries", recoveries},
+          {"checkpoint", s.last_checkpoint}};
+}
+
+int RunContext::exit_code(const RunSummary& s) const {
+  if (s.stop_signal == SIGINT) return kExitSigint;
+  if (s.stop_signal == SIGTERM) return kExitSigterm;
+  return kExitOk;
+}
+
+}  // namespace autotune

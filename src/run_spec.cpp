@@ -1,0 +1,100 @@
+#include "autotune/run_spec.h"
+
+#include <ATen/DeviceAccelerator.h>
+
+#include "autotune/errors.h"
+
+namespace autotune {
+
+std::string to_string(Mode m) {
+  switch (m) {
+    case Mode::auto_: return "auto";
+    case Mode::normal: return "normal";
+    case Mode::low: return "low";
+    case Mode::ultra_low: return "ultra-low";
+  }
+  return "?";
+}
+
+torch::Device resolve_device(const std::string& name) {
+  if (name == "auto") {
+    auto acc = at::accelerator::getAccelerator(false);
+    if (acc && at::accelerator::deviceCount() > 0) return torch::Device(*acc, 0);
+    return torch::kCPU;
+  }
+  torch::Device device = torch::kCPU;
+  try {
+    device = torch::Device(name);
+  } catch (const c10::Error&) {
+    throw UsageError("invalid --device '" + name + "': use auto, cpu or cuda[:N]");
+  }
+  if (device.is_cpu()) return device;
+  auto acc = at::accelerator::getAccelerator(false);
+  if (!acc || *acc != device.type() || at::accelerator::deviceCount() == 0)
+    throw UsageError("--device " + name + ": no such device on this machine (this LibTorch sees " +
+                     (acc ? c10::DeviceTypeName(*acc, true) + " x" +
+                                std::to_string(at::accelerator::deviceCount())
+                          : std::string("no accelerator")) +
+                     "); use --device cpu or auto");
+  if (device.has_index() && device.index() >= at::accelerator::deviceCount())
+    throw UsageError("--device " + name + ": only " +
+                     std::to_string(at::accelerator::deviceCount()) + " device(s) present");
+  if (!device.has_index()) device = torch::Device(device.type(), 0);
+  return device;
+}
+
+int64_t resolve_global_batch(const RunSpec& spec, int64_t seq_len) {
+  if (spec.batch_tokens) {
+    if (*spec.batch_tokens % seq_len != 0)
+      throw UsageError("--batch-tokens " + std::to_string(*spec.batch_tokens) +
+                       " is not a multiple of the sequence length " + std::to_string(seq_len) +
+                       "; use a multiple or --global-batch");
+    return *spec.batch_tokens / seq_len;
+  }
+  if (spec.global_batch) return *spec.global_batch;
+  if (spec.micro_batch && spec.grad_accum) return *spec.micro_batch * *spec.grad_accum;
+  return 32;
+}
+
+Plan plan_from_pins(const RunSpec& spec, int64_t seq_len, int64_t default_micro_batch) {
+  Plan p;
+  const int64_t global = resolve_global_batch(spec, seq_len);
+  if (spec.micro_batch && spec.grad_accum) {
+    p.micro_batch = *spec.micro_batch;
+    p.grad_accum = *spec.grad_accum;
+    if (p.global_batch() != global)
+      throw UsageError("--micro-batch " + std::to_string(p.micro_batch) + " x --grad-accum " +
+                       std::to_string(p.grad_accum) + " = " + std::to_string(p.global_batch()) +
+                       " but --global-batch is " + std::to_string(global) +
+                       "; drop one of the three flags");
+  } else if (spec.micro_batch) {
+    p.micro_batch = *spec.micro_batch;
+    if (global % p.micro_batch != 0)
+      throw UsageError("--global-batch " + std::to_string(global) +
+                       " is not reachable with --micro-batch " + std::to_string(p.micro_batch) +
+                       ": the micro-batch must divide the global batch; pick a divisor");
+    p.grad_accum = global / p.micro_batch;
+  } else if (spec.grad_accum) {
+    p.grad_accum = *spec.grad_accum;
+    if (global % p.grad_accum != 0)
+      throw UsageError("--global-batch " + std::to_string(global) + " is not divisible by " +
+                       "--grad-accum " + std::to_string(p.grad_accum) + "; pick a divisor");
+    p.micro_batch = global / p.grad_accum;
+  } else {
+    // The largest divisor of the global batch not above the default.
+    p.micro_batch = 1;
+    for (int64_t d = std::min(global, default_micro_batch); d >= 1; --d)
+      if (global % d == 0) {
+        p.micro_batch = d;
+        break;
+      }
+    p.grad_accum = global / p.micro_batch;
+  }
+  if (spec.precision) p.precision = *spec.precision;
+  if (spec.checkpointing) p.checkpointing = *spec.checkpointing;
+  if (spec.seq_len) p.seq_len = *spec.seq_len;
+  if (spec.eval_batch) p.eval_batch = *spec.eval_batch;
+  return p;
+}
+
+}  // namespace autotune

@@ -1,0 +1,290 @@
+#include "autotune/trainer.h"
+
+#include <ATen/DeviceAccelerator.h>
+
+#include <malloc.h>
+
+#include <chrono>
+#include <cmath>
+
+#include "autotune/checkpoint.h"
+#include "autotune/errors.h"
+#include "autotune/precision.h"
+
+namespace autotune {
+
+const char* to_string(Phase p) {
+  switch (p) {
+    case Phase::forward: return "forward";
+    case Phase::backward: return "backward";
+    case Phase::optimizer: return "optimizer";
+    case Phase::eval: return "eval";
+  }
+  return "?";
+}
+
+double learning_rate(const TrainOptions& opt, int64_t step) {
+  const int64_t warmup = opt.warmup_steps >= 0 ? opt.warmup_steps
+                                               : std::min<int64_t>(100, opt.steps / 10);
+  if (step < warmup) return opt.lr * static_cast<double>(step + 1) / static_cast<double>(warmup);
+  const double span = static_cast<double>(std::max<int64_t>(1, opt.steps - warmup));
+  const double progress = std::min(1.0, static_cast<double>(step - warmup) / span);
+  return opt.min_lr + 0.5 * (1.0 + std::cos(M_PI * progress)) * (opt.lr - opt.min_lr);
+}
+
+bool next_plan_after_oom(const Plan& plan, bool can_checkpoint, bool allow_precision_change,
+                         Plan* next) {
+  *next = plan;
+  // Halving keeps micro_batch * grad_accum exact only when micro_batch is even.
+  if (plan.micro_batch > 1 && plan.micro_batch % 2 == 0) {
+    next->micro_batch /= 2;
+    next->grad_accum *= 2;
+    return true;
+  }
+  if (can_checkpoint && !plan.checkpointing) {
+    next->checkpointing = true;
+    return true;
+  }
+  if (allow_precision_change && plan.precision == Precision::fp32) {
+    next->precision = Precision::bf16;
+    return true;
+  }
+  return false;
+}
+
+namespace {
+
+// Ultra-low-mem: hand cached blocks back between phases (accelerator cache; the C heap's top).
+void release_cached_memory(torch::Device device) {
+  if (device.type() != c10::DeviceType::CPU) at::accelerator::emptyCache();
+  malloc_trim(0);
+}
+
+void synchronize(torch::Device device) {
+  if (device.type() != c10::DeviceType::CPU) at::accelerator::synchronizeDevice(device.index());
+}
+
+// AdamW states are created lazily by the first step; creating them here first (all or none)
+// means an OOM while they are allocated leaves no parameter half-updated.
+void ensure_adamw_states(torch::optim::AdamW& optimizer) {
+  auto& state = optimizer.state();
+  std::vector<void*> created;
+  try {
+    for (auto& group : optimizer.param_groups())
+      for (auto& p : group.params()) {
+        void* key = p.unsafeGetTensorImpl();
+        if (!p.grad().defined() || state.count(key)) continue;
+        auto s = std::make_unique<torch::optim::AdamWParamState>();
+        s->step(0);
+        s->exp_avg(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+        s->exp_avg_sq(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+        state[key] = std::move(s);
+        created.push_back(key);
+      }
+  } catch (...) {
+    for (void* key : created) state.erase(key);
+    throw;
+  }
+}
+
+}  // namespace
+
+RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
+                 const std::vector<TrainObserver*>& observers) {
+  auto notify = [&](auto&& fn) {
+    for (auto* o : observers) fn(*o);
+  };
+  auto wall_start = std::chrono::steady_clock::now();
+  const bool can_checkpoint = workload.knobs().checkpointing;
+
+  // ---- resume: the checkpoint's plan wins (it may be a safer plan found by OOM recovery) ----
+  std::string resume_from;
+  if (opt.resume) {
+    if (opt.run_dir.empty()) throw UsageError("--resume needs --run-dir DIR of an earlier run");
+    auto files = list_checkpoints(opt.run_dir);
+    // The newest readable one; a damaged newest file falls back to the one before.
+    for (auto it = files.rbegin(); it != files.rend() && resume_from.empty(); ++it)
+      if (auto meta = read_checkpoint_meta(*it)) {
+        if (meta->workload != workload.config())
+          throw UsageError("checkpoint " + *it + " belongs to a different model or data; " +
+                           "use the same --model and --data, or a new --run-dir");
+        if (meta->plan.global_batch() != plan.global_batch())
+          throw UsageError("checkpoint " + *it + " has global batch " +
+                           std::to_string(meta->plan.global_batch()) + ", this run asks " +
+                           std::to_string(plan.global_batch()) + "; use the same --global-batch");
+        plan = meta->plan;
+        resume_from = *it;
+      }
+    if (resume_from.empty())
+      throw UsageError("--resume: no complete checkpoint in " + checkpoint_dir(opt.run_dir) +
+                       "; start without --resume");
+  }
+  workload.validate(plan);
+
+  // ---- model, optimizer (AdamW, decay on matrices only), loss scaler ----
+  auto model = workload.build(plan, opt.device, opt.seed);
+  model->train();
+  auto adamw = [&](double wd) {
+    return torch::optim::AdamWOptions(opt.lr).betas({opt.beta1, opt.beta2}).weight_decay(wd);
+  };
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(model->decay_parameters(),
+                      std::make_unique<torch::optim::AdamWOptions>(adamw(opt.weight_decay)));
+  groups.emplace_back(model->no_decay_parameters(),
+                      std::make_unique<torch::optim::AdamWOptions>(adamw(0.0)));
+  torch::optim::AdamW optimizer(std::move(groups), adamw(opt.weight_decay));
+  const auto params = model->parameters();
+  LossScaler scaler(opt.device, plan.precision == Precision::fp16);
+
+  RunSummary summary;
+  int64_t step = 0;
+  if (!resume_from.empty()) {
+    torch::Tensor scaler_state;
+    step = load_checkpoint(resume_from, *model, optimizer, &scaler_state).step;
+    if (scaler.enabled() && scaler_state.numel() == 2) scaler.load_state(scaler_state);
+  } else {
+    torch::manual_seed(opt.seed);  // dropout masks are reproducible from the seed
+  }
+  summary.first_step = step;
+  notify([&](TrainObserver& o) { o.on_start(plan, opt, step); });
+
+  auto checkpoint = [&]() {
+    if (opt.run_dir.empty()) return;
+    CheckpointMeta meta{step, plan, opt.seed, workload.config()};
+    summary.last_checkpoint =
+        save_checkpoint(opt.run_dir, meta, *model, optimizer, scaler.state(), opt.keep_checkpoints);
+    notify([&](TrainObserver& o) { o.on_checkpoint(step, summary.last_checkpoint); });
+  };
+
+  auto evaluate = [&]() -> double {
+    model->eval();
+    torch::NoGradGuard no_grad;
+    int64_t eval_batch = plan.eval_batch ? plan.eval_batch : plan.micro_batch;
+    for (;;) {
+      try {
+        notify([&](TrainObserver& o) { o.on_phase_begin(Phase::eval); });
+        AutocastScope autocast(opt.device, plan.precision);
+        double sum = 0;
+        for (int64_t first = 0; first < opt.eval_sequences; first += eval_batch) {
+          int64_t n = std::min(eval_batch, opt.eval_sequences - first);
+          sum += model->loss(workload.val_batch(first, n, plan, opt.device)).item<double>() *
+                 static_cast<double>(n);
+        }
+        notify([&](TrainObserver& o) { o.on_phase_end(Phase::eval, step); });
+        model->train();
+        return sum / static_cast<double>(opt.eval_sequences);
+      } catch (const c10::OutOfMemoryError& e) {
+        // An eval OOM lowers the eval batch only; the training plan is not touched.
+        if (!opt.recover_oom || eval_batch == 1) throw;
+        Recovery r{step, Phase::eval, plan, plan, true, e.what_without_backtrace()};
+        eval_batch = std::max<int64_t>(1, eval_batch / 2);
+        plan.eval_batch = eval_batch;
+        r.after = plan;
+        summary.recoveries.push_back(r);
+        notify([&](TrainObserver& o) { o.on_recovery(r); });
+      }
+    }
+  };
+
+  // ---- the loop: one iteration is one optimizer step over the global batch ----
+  double train_seconds = 0;
+  const int64_t tokens_per_step = plan.global_batch() * workload.tokens_per_sequence(plan);
+  while (step < opt.steps) {
+    if (opt.stop_signal && opt.stop_signal->load()) {
+      summary.stop_signal = opt.stop_signal->load();
+      break;
+    }
+    const double lr = learning_rate(opt, step);
+    for (auto& group : optimizer.param_groups()) group.options().set_lr(lr);
+    auto t0 = std::chrono::steady_clock::now();
+    Phase phase = Phase::forward;
+    try {
+      optimizer.zero_grad(/*set_to_none=*/true);
+      double loss_sum = 0;
+      for (int64_t m = 0; m < plan.grad_accum; ++m) {
+        // Micro-batch m holds samples [m*mb, (m+1)*mb) of this step's global batch.
+        Batch batch = workload.train_batch(step, m * plan.micro_batch, plan.micro_batch, plan,
+                                           opt.device);
+        phase = Phase::forward;
+        notify([&](TrainObserver& o) { o.on_phase_begin(phase); });
+        torch::Tensor loss;
+        {
+          AutocastScope autocast(opt.device, plan.precision);
+          loss = model->loss(batch);
+        }
+        // Each micro-batch's mean loss weighs 1/grad_accum: gradients equal one big batch's.
+        loss = loss / static_cast<double>(plan.grad_accum);
+        notify([&](TrainObserver& o) { o.on_phase_end(phase, step); });
+        if (opt.release_between_phases) release_cached_memory(opt.device);
+        phase = Phase::backward;
+        notify([&](TrainObserver& o) { o.on_phase_begin(phase); });
+        scaler.scale_loss(loss).backward();
+        loss_sum += loss.item<double>();
+        notify([&](TrainObserver& o) { o.on_phase_end(phase, step); });
+        if (opt.release_between_phases) release_cached_memory(opt.device);
+      }
+      phase = Phase::optimizer;
+      notify([&](TrainObserver& o) { o.on_phase_begin(phase); });
+      ensure_adamw_states(optimizer);
+      const bool finite = scaler.unscale_and_check(params);
+      double grad_norm = 0;
+      if (finite) {
+        grad_norm = opt.grad_clip > 0
+                        ? torch::nn::utils::clip_grad_norm_(params, opt.grad_clip)
+                        : 0.0;
+        optimizer.step();
+      }
+      notify([&](TrainObserver& o) { o.on_phase_end(phase, step); });
+      synchronize(opt.device);
+      ++step;
+
+      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      train_seconds += dt;
+      summary.tokens += tokens_per_step;
+      summary.final_loss = loss_sum;
+      StepStats s{step, opt.steps, loss_sum, lr, grad_norm, dt * 1e3,
+                  static_cast<double>(tokens_per_step) / dt, !finite, plan};
+      notify([&](TrainObserver& o) { o.on_step(s); });
+    } catch (const c10::OutOfMemoryError& e) {
+      // Drop the partial gradients, release memory, step down the ladder and re-run this same
+      // step on the same samples: no step and no sample is lost.
+      optimizer.zero_grad(/*set_to_none=*/true);
+      if (opt.device.type() != c10::DeviceType::CPU) at::accelerator::emptyCache();
+      Plan next;
+      if (!opt.recover_oom || !next_plan_after_oom(plan, can_checkpoint,
+                                                   opt.allow_precision_change, &next))
+        throw RuntimeError("out of memory at step " + std::to_string(step + 1) + " (" +
+                           to_string(phase) + ") with plan " + plan.describe() +
+                           " and nothing left to step down to; give a larger budget or a "
+                           "smaller model");
+      Recovery r{step, phase, plan, next, false, e.what_without_backtrace()};
+      plan = next;
+      model->set_checkpointing(plan.checkpointing);
+      summary.recoveries.push_back(r);
+      notify([&](TrainObserver& o) { o.on_recovery(r); });
+      continue;
+    }
+
+    const bool last = step == opt.steps;
+    if (opt.eval_every > 0 && step % opt.eval_every == 0 && !last) {
+      double v = evaluate();
+      notify([&](TrainObserver& o) { o.on_eval(step, v); });
+    }
+    if (opt.checkpoint_every > 0 && step % opt.checkpoint_every == 0 && !last) checkpoint();
+  }
+
+  if (summary.stop_signal == 0 && opt.eval_sequences > 0) {
+    summary.val_loss = evaluate();
+    notify([&](TrainObserver& o) { o.on_eval(step, summary.val_loss); });
+  }
+  if (step > summary.first_step || summary.stop_signal) checkpoint();
+  summary.plan = plan;
+  summary.steps_done = step;
+  summary.tokens_per_s = train_seconds > 0 ? static_cast<double>(summary.tokens) / train_seconds : 0;
+  summary.wall_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
+  notify([&](TrainObserver& o) { o.on_end(summary); });
+  return summary;
+}
+
+}  // namespace autotune

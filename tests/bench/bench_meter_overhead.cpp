@@ -1,0 +1,120 @@
+// Cost of the CPU memory meter on a training-like step: an MLP (4 blocks of
+// Linear(1024->2048) + GELU + Linear(2048->1024) + GELU, batch 128, ~0.1-0.3 s per step on two
+// cores) with forward, backward and AdamW. One process measures one mode, so the allocator can be
+// compared installed and not (it cannot be uninstalled); scripts/bench-meter-overhead interleaves
+// the processes and prints the overhead.
+//
+//   bench_meter_overhead --mode default|mallopt|counting|meter [--steps N] [--warmup N]
+//     default   LibTorch's own CPU allocator, glibc untouched
+//     mallopt   only glibc's mmap/trim thresholds pinned (the malloc policy install() sets)
+//     counting  cpu_alloc::install(): counting allocator + pinned thresholds
+//     meter     counting + a MemoryMeter that resets and samples peaks around each phase
+//               (forward, backward, optimizer), as the trainer's per-phase peaks do
+// Prints one line: mode=... steps=... median_step_ms=... min_step_ms=... peak_tensor_bytes=...
+#include <malloc.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "autotune/memory.h"
+
+namespace {
+
+struct Block : torch::nn::Module {
+  torch::nn::Linear up{nullptr}, down{nullptr};
+  explicit Block(int64_t width) {
+    up = register_module("up", torch::nn::Linear(width, 2 * width));
+    down = register_module("down", torch::nn::Linear(2 * width, width));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    return torch::gelu(down->forward(torch::gelu(up->forward(x))));
+  }
+};
+
+int usage() {
+  std::fprintf(stderr,
+               "usage: bench_meter_overhead --mode default|mallopt|counting|meter "
+               "[--steps N] [--warmup N]\n");
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string mode;
+  int steps = 20, warmup = 3;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--mode" && i + 1 < argc)
+      mode = argv[++i];
+    else if (a == "--steps" && i + 1 < argc)
+      steps = std::atoi(argv[++i]);
+    else if (a == "--warmup" && i + 1 < argc)
+      warmup = std::atoi(argv[++i]);
+    else
+      return usage();
+  }
+  if (mode != "default" && mode != "mallopt" && mode != "counting" && mode != "meter")
+    return usage();
+  if (steps < 1 || warmup < 0) return usage();
+
+  // Installed before any tensor exists, as the tool does at start-up.
+  std::unique_ptr<autotune::MemoryMeter> meter;
+  if (mode == "mallopt") {
+    mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+    mallopt(M_TRIM_THRESHOLD, 128 * 1024);
+  } else if (mode == "counting") {
+    autotune::cpu_alloc::install();
+  } else if (mode == "meter") {
+    meter = std::make_unique<autotune::MemoryMeter>(torch::kCPU);
+  }
+
+  constexpr int64_t kWidth = 1024, kBatch = 128, kBlocks = 4;
+  torch::manual_seed(0);
+  torch::nn::Sequential model;
+  for (int64_t b = 0; b < kBlocks; ++b) model->push_back(Block(kWidth));
+  torch::optim::AdamW opt(model->parameters(), torch::optim::AdamWOptions(1e-4));
+  const auto x = torch::randn({kBatch, kWidth});
+  const auto target = torch::randn({kBatch, kWidth});
+
+  uint64_t phase_peak_bytes = 0;
+  auto phase_boundary = [&] {
+    if (!meter) return;
+    phase_peak_bytes = std::max(phase_peak_bytes, meter->sample().budget_bytes_peak);
+    meter->reset_peaks();
+  };
+
+  std::vector<double> step_ms;
+  for (int s = 0; s < warmup + steps; ++s) {
+    const auto t0 = std::chrono::steady_clock::now();
+    opt.zero_grad();
+    auto loss = torch::mse_loss(model->forward(x), target);
+    phase_boundary();  // forward
+    loss.backward();
+    phase_boundary();  // backward
+    opt.step();
+    phase_boundary();  // optimizer
+    const auto t1 = std::chrono::steady_clock::now();
+    if (s >= warmup) step_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+  }
+  std::sort(step_ms.begin(), step_ms.end());
+  const double median_ms =
+      step_ms.size() % 2 == 1
+          ? step_ms[step_ms.size() / 2]
+          : 0.5 * (step_ms[step_ms.size() / 2 - 1] + step_ms[step_ms.size() / 2]);
+  std::printf(
+      "mode=%s steps=%d median_step_ms=%.2f min_step_ms=%.2f peak_tensor_bytes=%lld "
+      "phase_peak_bytes=%llu\n",
+      mode.c_str(), steps, median_ms, step_ms.front(),
+      static_cast<long long>(autotune::cpu_alloc::peak_bytes()),
+      static_cast<unsigned long long>(phase_peak_bytes));
+  return 0;
+}

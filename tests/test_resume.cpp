@@ -1,0 +1,79 @@
+// Resume: 2N steps straight == N steps, stop, resume N more (fp32, dropout on, same seed).
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include "autotune/checkpoint.h"
+#include "autotune/gpt_workload.h"
+#include "autotune/trainer.h"
+#include "test_support.h"
+
+namespace tu = autotune::testing;
+
+using namespace autotune;
+
+namespace {
+std::vector<torch::Tensor> params_of(Workload& w, const Plan& p, const std::string& ckpt) {
+  auto model = w.build(p, torch::kCPU, 4242);  // different init: everything comes from the file
+  torch::serialize::InputArchive archive, model_archive;
+  archive.load_from(ckpt);
+  archive.read("model", model_archive);
+  model->load(model_archive);
+  std::vector<torch::Tensor> out;
+  for (auto& t : model->parameters()) out.push_back(t.detach().clone());
+  return out;
+}
+}  // namespace
+
+TEST(Resume, StopAndResumeEqualsStraightRun) {
+  GptConfig cfg = load_gpt_config("gpt-tiny");
+  cfg.dropout = 0.1;
+  GptWorkload w(cfg, TokenFile::open(tu::corpus_path()), 9);
+  Plan p;
+  p.micro_batch = 4;
+  p.grad_accum = 2;
+  TrainOptions opt;
+  opt.eval_sequences = 0;
+
+  opt.steps = 8;
+  opt.run_dir = tu::temp_dir("straight");
+  train(w, p, opt);
+
+  // Same total schedule (steps = 8) but the process stops at 4: a stop signal after step 4.
+  std::string split = tu::temp_dir("split");
+  std::atomic<int> stop{0};
+  struct StopAt : TrainObserver {
+    std::atomic<int>* flag;
+    void on_step(const StepStats& s) override {
+      if (s.step == 4) flag->store(15);
+    }
+  } stopper;
+  stopper.flag = &stop;
+  opt.run_dir = split;
+  opt.stop_signal = &stop;
+  RunSummary first = train(w, p, opt, {&stopper});
+  EXPECT_EQ(first.steps_done, 4);
+  EXPECT_EQ(first.stop_signal, 15);
+  ASSERT_EQ(list_checkpoints(split).size(), 1u);
+
+  stop = 0;
+  opt.resume = true;
+  RunSummary second = train(w, p, opt);
+  EXPECT_EQ(second.first_step, 4);
+  EXPECT_EQ(second.steps_done, 8);
+
+  auto a = params_of(w, p, tu::temp_dir("unused") + "/../straight-" +
+                               std::to_string(::getpid()) + "/checkpoints/step_00000008.pt");
+  auto b = params_of(w, p, split + "/checkpoints/step_00000008.pt");
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(torch::equal(a[i], b[i])) << "parameter " << i;
+}
+
+TEST(Resume, NoCheckpointIsAUsageError) {
+  GptWorkload w(load_gpt_config("gpt-tiny"), TokenFile::open(tu::corpus_path()), 9);
+  TrainOptions opt;
+  opt.steps = 2;
+  opt.resume = true;
+  opt.run_dir = tu::temp_dir("empty-run");
+  EXPECT_THROW(train(w, Plan{}, opt), UsageError);
+}

@@ -1,0 +1,195 @@
+// The tuner on CPU with the counting allocator's cap standing in for a device budget.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "autotune/gpt_workload.h"
+#include "autotune/lstm_workload.h"
+#include "autotune/memory.h"
+#include "autotune/tuner.h"
+#include "test_support.h"
+
+namespace tu = autotune::testing;
+
+using namespace autotune;
+
+namespace {
+constexpr uint64_t kMiB = uint64_t{1} << 20;
+
+struct Fixture {
+  MemoryMeter meter{torch::kCPU};
+  GptWorkload gpt{load_gpt_config("gpt-mini"), TokenFile::open(tu::corpus_path()), 1};
+
+  TunerRequest request(uint64_t above_baseline, const std::string& search = "model") {
+    meter.remeasure_baseline();
+    TunerRequest r;
+    r.global_batch = 32;
+    r.budget_bytes = meter.baseline_bytes() + above_baseline;
+    r.usable_bytes = r.budget_bytes;
+    r.search = search;
+    r.probe.usable_bytes = r.usable_bytes;
+    // The hard cap: tensors may use the budget minus what the process holds besides tensors.
+    cpu_alloc::set_cap(static_cast<int64_t>(above_baseline));
+    return r;
+  }
+  ~Fixture() { cpu_alloc::set_cap(std::nullopt); }
+};
+
+void expect_invariants(const TunerResult& r, const TunerRequest& req) {
+  for (const auto& t : r.trials) {
+    EXPECT_EQ(t.plan.global_batch(), req.global_batch) << t.plan.describe();
+    if (t.fits) EXPECT_LE(t.peak_bytes, req.usable_bytes) << t.plan.describe();
+  }
+}
+
+void print(const char* name, const TunerResult& r) {
+  std::printf("%s: %zu trials, %.1fs -> %s\n", name, r.trials.size(), r.probe_seconds,
+              r.plan ? r.plan->describe().c_str() : r.infeasible_message.c_str());
+  for (const auto& t : r.trials)
+    std::printf("   %-50s fits=%d oom=%d peak=%.1f MiB %.0f tok/s  %s\n", t.plan.describe().c_str(),
+                t.fits, t.oom, static_cast<double>(t.peak_bytes) / kMiB, t.tokens_per_s,
+                t.reason.c_str());
+}
+}  // namespace
+
+TEST(Tuner, SmallerBudgetUsesLessMemoryLargerIsNotSlower) {
+  Fixture f;
+  auto small_req = f.request(40 * kMiB);
+  TunerResult small = tune(f.gpt, small_req, f.meter);
+  print("40 MiB above baseline", small);
+  expect_invariants(small, small_req);
+  auto large_req = f.request(160 * kMiB);
+  TunerResult large = tune(f.gpt, large_req, f.meter);
+  print("160 MiB above baseline", large);
+  expect_invariants(large, large_req);
+  ASSERT_TRUE(large.plan);
+  if (!small.plan) {
+    EXPECT_NE(small.infeasible_message.find("no plan fits"), std::string::npos);
+    return;
+  }
+  auto chosen = [](const TunerResult& r) {
+    for (const auto& t : r.trials)
+      if (t.plan == *r.plan) return t;
+    return Trial{};
+  };
+  EXPECT_LE(chosen(small).peak_bytes, small_req.usable_bytes);
+  EXPECT_LE(chosen(small).peak_bytes, large_req.usable_bytes);
+  // A larger budget can choose among more plans: its choice is not slower (15% allows for the
+  // noise of short timings on a shared 2-core machine).
+  EXPECT_GE(chosen(large).tokens_per_s, 0.85 * chosen(small).tokens_per_s);
+}
+
+TEST(Tuner, PinsAreRespectedAndShrinkNeedsConsent) {
+  Fixture f;
+  auto req = f.request(120 * kMiB);
+  req.precision = Precision::bf16;
+  req.checkpointing = false;
+  TunerResult r = tune(f.gpt, req, f.meter);
+  print("pinned bf16, no checkpointing", r);
+  ASSERT_TRUE(r.plan);
+  for (const auto& t : r.trials) {
+    EXPECT_EQ(t.plan.precision, Precision::bf16);
+    EXPECT_FALSE(t.plan.checkpointing);
+    EXPECT_EQ(t.plan.seq_len, 0);  // never changed without --allow-shrink
+    EXPECT_EQ(t.plan.d_model, 0);
+  }
+  auto pin_mb = f.request(120 * kMiB);
+  pin_mb.micro_batch = 4;
+  TunerResult r2 = tune(f.gpt, pin_mb, f.meter);
+  ASSERT_TRUE(r2.plan);
+  for (const auto& t : r2.trials) EXPECT_EQ(t.plan.micro_batch, 4);
+  EXPECT_EQ(r2.plan->grad_accum, 8);
+}
+
+TEST(Tuner, InfeasibleBudgetSaysWhatWouldFit) {
+  Fixture f;
+  auto req = f.request(2 * kMiB);  // below even the parameters and optimizer states + one batch
+  TunerResult r = tune(f.gpt, req, f.meter);
+  print("2 MiB", r);
+  EXPECT_FALSE(r.plan);
+  EXPECT_NE(r.infeasible_message.find("no plan fits"), std::string::npos);
+  EXPECT_NE(r.infeasible_message.find("--allow-shrink seq"), std::string::npos);
+  for (const auto& t : r.trials) EXPECT_FALSE(t.fits);
+}
+
+TEST(Tuner, ShrinkSeqOnlyWithConsentAndSaysSo) {
+  Fixture f;
+  auto req = f.request(6 * kMiB);
+  req.allow_shrink_seq = true;
+  req.precision = Precision::fp32;
+  TunerResult r = tune(f.gpt, req, f.meter);
+  print("6 MiB, --allow-shrink seq", r);
+  if (r.plan) {
+    EXPECT_TRUE(r.shrunk_task);
+    EXPECT_LT(r.plan->seq_len, f.gpt.default_seq_len());
+    EXPECT_NE(r.shrink_note.find("task changed"), std::string::npos);
+  } else {
+    EXPECT_NE(r.infeasible_message.find("no plan fits"), std::string::npos);
+  }
+}
+
+TEST(Tuner, OomInATrialIsSurvivedAndRecorded) {
+  Fixture f;
+  auto req = f.request(30 * kMiB);
+  Plan huge;
+  huge.micro_batch = 32;
+  Trial t = run_trial(f.gpt, huge, req.probe, f.meter);
+  EXPECT_TRUE(t.oom);
+  EXPECT_FALSE(t.fits);
+  EXPECT_NE(t.reason.find("out of memory"), std::string::npos);
+  // Everything of the trial was released: a small trial right after fits.
+  Plan small;
+  small.micro_batch = 1;
+  small.grad_accum = 32;
+  Trial t2 = run_trial(f.gpt, small, req.probe, f.meter);
+  EXPECT_TRUE(t2.fits) << t2.reason;
+  EXPECT_EQ(t2.steps_run, 3);
+  EXPECT_GT(t2.tokens_per_s, 0);
+}
+
+TEST(Tuner, TrialThatRanNoStepIsAnError) {
+  // A workload whose model cannot be built: the trial runs zero steps and must say so.
+  struct Broken : GptWorkload {
+    using GptWorkload::GptWorkload;
+    std::shared_ptr<TrainableModel> build(const Plan&, torch::Device, uint64_t) override {
+      throw std::runtime_error("broken model");
+    }
+  };
+  Fixture f;
+  Broken broken(load_gpt_config("gpt-tiny"), TokenFile::open(tu::corpus_path()), 1);
+  auto req = f.request(100 * kMiB);
+  Trial t = run_trial(broken, Plan{}, req.probe, f.meter);
+  EXPECT_FALSE(t.fits);
+  EXPECT_EQ(t.steps_run, 0);
+  EXPECT_NE(t.reason.find("error"), std::string::npos) << t.reason;
+}
+
+TEST(Tuner, ModelSearchNeedsFewerTrialsThanPower) {
+  Fixture f;
+  auto req = f.request(100 * kMiB, "model");
+  req.precision = Precision::fp32;  // power and halve search micro-batch only
+  TunerResult model = tune(f.gpt, req, f.meter);
+  auto preq = f.request(100 * kMiB, "power");
+  preq.precision = Precision::fp32;
+  TunerResult power = tune(f.gpt, preq, f.meter);
+  print("model", model);
+  print("power", power);
+  ASSERT_TRUE(model.plan);
+  ASSERT_TRUE(power.plan);
+  EXPECT_LT(model.trials.size(), power.trials.size());
+  // Same precision, so "at least as fast" is "at least as large a micro-batch" unless
+  // checkpointing was chosen for a larger one.
+  if (!model.plan->checkpointing)
+    EXPECT_GE(model.plan->micro_batch, power.plan->micro_batch);
+}
+
+TEST(Tuner, LstmIsTunedByTheSameCode) {
+  Fixture f;
+  LstmWorkload lstm(load_lstm_config("lstm-small"), 1);
+  auto req = f.request(60 * kMiB);
+  TunerResult r = tune(lstm, req, f.meter);
+  print("lstm-small", r);
+  ASSERT_TRUE(r.plan);
+  expect_invariants(r, req);
+  for (const auto& t : r.trials) EXPECT_FALSE(t.plan.checkpointing);  // not an LSTM knob
+}
