@@ -117,9 +117,13 @@ torch::Tensor BatchLoader::get(const BatchKey& key) {
       done_cv_.wait(lk, [&] { return find_id_locked(id)->state != State::running; });
     }
     Slot* s = find_id_locked(id);
-    if (s->state == State::ready) taken = std::move(*s);
-    // A pending slot (the thread had not started it) is built here below instead of waiting
-    // for the thread to get to it.
+    if (s->state == State::ready) {
+      taken = std::move(*s);
+    } else {
+      // Pending: the thread has not started it (busy, or not scheduled yet). Building it here
+      // now beats waiting for the thread to get to it.
+      ++late_;
+    }
     slots_.erase(slots_.begin() + (s - slots_.data()));
   }
   if (taken) {
@@ -134,7 +138,8 @@ torch::Tensor BatchLoader::get(const BatchKey& key) {
 
   if (taken) {
     if (taken->error) std::rethrow_exception(taken->error);
-    return std::move(taken->value);
+    // Undefined only if the thread was told to stop while building it; build it here then.
+    if (taken->value.defined()) return std::move(taken->value);
   }
   const std::atomic<bool> never{false};
   return producer_(key, never);
@@ -192,11 +197,20 @@ PrefetchStats BatchLoader::stats() const {
   PrefetchStats s;
   s.hits = hits_;
   s.misses = misses_;
+  s.late = late_;
   s.discarded = discarded_;
   for (const Slot& slot : slots_)
     if (slot.state == State::ready) ++s.ready;
   s.in_flight = running_id_ != 0 ? 1 : 0;
   return s;
+}
+
+void BatchLoader::wait_idle() {
+  std::unique_lock<std::mutex> lk(mu_);
+  done_cv_.wait(lk, [&] {
+    return stop_ || std::all_of(slots_.begin(), slots_.end(),
+                                [](const Slot& s) { return s.state == State::ready; });
+  });
 }
 
 int64_t BatchLoader::global_batch() const {

@@ -33,17 +33,17 @@ void add_common(cxxopts::Options& o) {
       ("data", "token file from prepare-data (default data/corpus.tok)",
        cxxopts::value<std::string>())
       ("device", "auto | cpu | cuda[:N]", cxxopts::value<std::string>())
-      ("global-batch", "sequences per optimizer step", cxxopts::value<int64_t>())
+      ("global-batch", "sequences per optimizer step", cxxopts::value<std::string>())
       ("batch-tokens", "tokens per optimizer step (instead of --global-batch)",
-       cxxopts::value<int64_t>())
-      ("steps", "optimizer steps", cxxopts::value<int64_t>())
-      ("seed", "random seed", cxxopts::value<uint64_t>())
-      ("lr", "peak learning rate", cxxopts::value<double>())
-      ("eval-every", "evaluate every N steps (0: at the end)", cxxopts::value<int64_t>())
-      ("eval-sequences", "validation sequences per evaluation", cxxopts::value<int64_t>())
-      ("log-every", "progress line every N steps", cxxopts::value<int64_t>())
+       cxxopts::value<std::string>())
+      ("steps", "optimizer steps", cxxopts::value<std::string>())
+      ("seed", "random seed", cxxopts::value<std::string>())
+      ("lr", "peak learning rate", cxxopts::value<std::string>())
+      ("eval-every", "evaluate every N steps (0: at the end)", cxxopts::value<std::string>())
+      ("eval-sequences", "validation sequences per evaluation", cxxopts::value<std::string>())
+      ("log-every", "progress line every N steps", cxxopts::value<std::string>())
       ("run-dir", "checkpoints and memory timeline go here", cxxopts::value<std::string>())
-      ("checkpoint-every", "checkpoint every N steps (0: at the end)", cxxopts::value<int64_t>())
+      ("checkpoint-every", "checkpoint every N steps (0: at the end)", cxxopts::value<std::string>())
       ("resume", "continue from the newest checkpoint in --run-dir")
       ("budget", "memory budget, e.g. 10G", cxxopts::value<std::string>())
       ("margin", "safety margin below the budget (bytes or %)", cxxopts::value<std::string>())
@@ -59,21 +59,43 @@ void add_common(cxxopts::Options& o) {
       ("json", "print one JSON summary on stdout")
       ("h,help", "show help");
   o.add_options("plan")
-      ("micro-batch", "sequences per forward/backward", cxxopts::value<int64_t>())
-      ("grad-accum", "micro-batches per optimizer step", cxxopts::value<int64_t>())
+      ("micro-batch", "sequences per forward/backward", cxxopts::value<std::string>())
+      ("grad-accum", "micro-batches per optimizer step", cxxopts::value<std::string>())
       ("precision", "fp32 | bf16 | fp16", cxxopts::value<std::string>())
       ("checkpointing", "on | off", cxxopts::value<std::string>())
-      ("seq-len", "tokens per sequence", cxxopts::value<int64_t>())
-      ("eval-batch", "sequences per evaluation forward", cxxopts::value<int64_t>());
+      ("seq-len", "tokens per sequence", cxxopts::value<std::string>())
+      ("eval-batch", "sequences per evaluation forward", cxxopts::value<std::string>());
 }
 
+// Numbers are taken as text and converted here, so a bad value names its flag.
+template <typename T>
+T convert(const char* name, const std::string& text) {
+  if constexpr (std::is_same_v<T, std::string>) {
+    return text;
+  } else {
+    size_t used = 0;
+    T v{};
+    bool ok = !text.empty();
+    try {
+      if constexpr (std::is_same_v<T, double>) v = std::stod(text, &used);
+      else if constexpr (std::is_same_v<T, uint64_t>) v = std::stoull(text, &used);
+      else v = static_cast<T>(std::stoll(text, &used));
+    } catch (const std::exception&) {
+      ok = false;
+    }
+    if (!ok || used != text.size() || (std::is_same_v<T, uint64_t> && text[0] == '-'))
+      throw UsageError(std::string("invalid --") + name + " '" + text + "': expected " +
+                       (std::is_same_v<T, double> ? "a number" : "an integer"));
+    return v;
+  }
+}
 template <typename T>
 void take(const cxxopts::ParseResult& r, const char* name, T& out) {
-  if (r.count(name)) out = r[name].as<T>();
+  if (r.count(name)) out = convert<T>(name, r[name].as<std::string>());
 }
 template <typename T>
 void take(const cxxopts::ParseResult& r, const char* name, std::optional<T>& out) {
-  if (r.count(name)) out = r[name].as<T>();
+  if (r.count(name)) out = convert<T>(name, r[name].as<std::string>());
 }
 
 int64_t positive(const char* flag, int64_t v) {

@@ -35,7 +35,12 @@ std::unique_ptr<Workload> make_workload(const RunSpec& spec, const ModePolicy& p
   if (spec.data.empty() && !std::filesystem::exists(data))
     throw UsageError("no --data given and the default corpus data/corpus.tok is missing; run "
                      "scripts/setup or `autotune prepare-data --input TEXT... --output FILE`");
-  return std::make_unique<GptWorkload>(cfg, TokenFile::open(data), spec.seed);
+  auto w = std::make_unique<GptWorkload>(cfg, TokenFile::open(data), spec.seed);
+  // The memory mode decides the data path: positioned reads without caching in ultra-low-mem
+  // (resident memory stays flat), a byte-capped sample cache and bounded prefetch otherwise.
+  w->set_data_options({policy.pread_data ? ReadMode::pread : ReadMode::mmap, policy.cache_bytes,
+                       policy.prefetch_batches});
+  return w;
 }
 
 int prepare_data_command(int argc, char** argv) {

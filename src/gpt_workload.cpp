@@ -40,6 +40,7 @@ void GptWorkload::stop_loader() {
   const PrefetchStats p = loader_->stats();
   retired_.prefetch_hits += p.hits;
   retired_.prefetch_misses += p.misses;
+  retired_.prefetch_late += p.late;
   retired_.prefetch_discarded += p.discarded;
   loader_.reset();  // joins the thread
 }
@@ -93,11 +94,13 @@ DataStats GptWorkload::data_stats() const {
   s.prefetch_batches = loader_ ? loader_->max_batches() : 0;
   s.prefetch_hits = retired_.prefetch_hits;
   s.prefetch_misses = retired_.prefetch_misses;
+  s.prefetch_late = retired_.prefetch_late;
   s.prefetch_discarded = retired_.prefetch_discarded;
   if (loader_) {
     const PrefetchStats p = loader_->stats();
     s.prefetch_hits += p.hits;
     s.prefetch_misses += p.misses;
+    s.prefetch_late += p.late;
     s.prefetch_discarded += p.discarded;
     s.prefetch_ready = p.ready;
   }
@@ -189,39 +192,40 @@ Batch GptWorkload::val_batch(int64_t first, int64_t count, const Plan& plan, tor
 }
 
 EstimateTerms GptWorkload::estimate_terms(const Plan& plan) const {
-  // Bytes alive at the peak of a training step, counted from what autograd saves for backward
-  // (docs/ESTIMATOR.md derives each term). B*T positions, C width, L layers, V vocab.
+  // Bytes alive at the peaks of a training step, from what autograd saves for backward,
+  // calibrated once against the counting allocator (docs/ESTIMATOR.md). B*T positions, C width,
+  // L layers, V vocab.
   const GptConfig c = config_for(plan);
   const double B = static_cast<double>(plan.micro_batch), T = static_cast<double>(c.seq_len);
   const double C = static_cast<double>(c.d_model), L = static_cast<double>(c.n_layer);
-  const double V = static_cast<double>(c.vocab_size), H = static_cast<double>(c.n_head);
+  const double V = static_cast<double>(c.vocab_size);
   const bool low = plan.precision != Precision::fp32;
   const double BT = B * T;
 
   EstimateTerms e;
   e.n_params = c.n_params();
-  // Saved per block and position, fp32: residual x (C), ln1 out (C), qkv (3C), attention out (C)
-  // and its contiguous copy (C), residual x2 (C), ln2 out (C), fc out (4C), gelu out (4C) = 17C
-  // floats, plus the attention's log-sum-exp (H floats). Under autocast the residual stream stays
-  // fp32 (2 x 4C bytes) and the 15C others are 2-byte copies.
-  const double per_pos_block = low ? (2 * 4 * C + 15 * 2 * C + 4 * H) : (17 * 4 * C + 4 * H);
+  // Saved per block and position. Counted: residual x, ln1 out, qkv (3), attention out and its
+  // contiguous copy, residual x2, ln2 out, fc out (4), gelu out (4) = 17 C-vectors; measured
+  // 15.6 in fp32 (62.4*C bytes). Under autocast the two residuals stay fp32 (8*C bytes) and the
+  // rest are 2-byte copies: measured 34.2*C bytes in all.
+  const double block_bytes = BT * (low ? 34.2 * C : 62.4 * C);
+  // Backward working memory of one block: the incoming gradient and the widest (4C) gradient.
+  const double working = BT * 5 * 4 * C;
   if (plan.checkpointing) {
-    // Only each block's input survives forward; one block is recomputed at a time in backward.
-    e.terms.push_back({"activations", BT * (L * 4 * C + per_pos_block)});
+    // Only each block's input (fp32) survives the forward; one block is recomputed at a time.
+    e.terms.push_back({"activations (block inputs)", BT * L * 4 * C});
+    e.backward_tail_bytes = block_bytes + working;
   } else {
-    e.terms.push_back({"activations", BT * L * per_pos_block});
+    e.terms.push_back({"activations", L * block_bytes});
+    e.backward_tail_bytes = block_bytes + working;
   }
-  // Embedding output and final LayerNorm output/inputs: ~3 fp32 [B, T, C] tensors.
-  e.terms.push_back({"embeddings", BT * 3 * 4 * C});
-  // Logits [B, T, V] (2 or 4 bytes), their fp32 copy for the loss under autocast, the saved
-  // log-softmax (4 bytes), and in backward the fp32 gradient of the logits.
-  e.terms.push_back({"logits", BT * V * ((low ? 2 + 4 : 4) + 4 + 4)});
-  // Working memory of one block's backward (gradients of its largest activations: fc/gelu 4C
-  // twice) that exists beside the saved tensors at the peak.
-  e.terms.push_back({"backward_working", BT * 2 * 4 * C * (low ? 2 : 4)});
-  // Inputs and targets: int64 [B, T+1] buffer.
+  // The last residual (ln_f input) and ln_f output, fp32 [B, T, C] each.
+  e.terms.push_back({"final norm", BT * 2 * 4 * C});
+  // Logits [B, T, V] (4 bytes, or 2 under autocast plus the fp32 copy the loss takes) and the
+  // saved log-softmax (4 bytes).
+  e.terms.push_back({"logits", BT * V * (low ? 2 + 4 + 4 : 4 + 4)});
   e.terms.push_back({"batch", B * (T + 1) * 8});
-  if (low) e.terms.push_back({"autocast_weight_copies", 2.0 * static_cast<double>(e.n_params)});
+  if (low) e.weight_copy_bytes = 2.0 * static_cast<double>(e.n_params);
   return e;
 }
 

@@ -142,6 +142,10 @@ EstimateTerms LstmWorkload::estimate_terms(const Plan& plan) const {
   e.terms.push_back({"activations", B * T * L * (6 * Hd + Hd) * bytes});
   e.terms.push_back({"batch", B * T * (C + K) * 4 * 2});
   e.terms.push_back({"head", B * T * K * 4 * 3});
+  // Backward through time keeps the gate gradients of one layer ([B, T, 4H]) beside the saved
+  // tensors of the layer below.
+  e.backward_tail_bytes = B * T * (6 * Hd + Hd) * bytes + B * T * 4 * Hd * 4;
+  if (plan.precision != Precision::fp32) e.weight_copy_bytes = 2.0 * static_cast<double>(e.n_params);
   return e;
 }
 

@@ -1,5 +1,6 @@
 #include "autotune/machine.h"
 
+#include <algorithm>
 #include <cstdlib>
 
 #include "autotune/memory.h"
@@ -59,12 +60,14 @@ ModePolicy policy_for(Mode mode, std::optional<uint64_t> budget_bytes) {
       break;
     case Mode::low:
       p.eval_batch_cap = 4;
-      p.cache_bytes = budget / 64;
+      p.cache_bytes = std::min<uint64_t>(budget / 256, 4ull << 20);
       p.prefetch_batches = 1;
       p.monitor_every_steps = 20;
       break;
     default:
-      p.cache_bytes = budget / 16;
+      // Training windows are random (a cache rarely hits them); the validation windows repeat
+      // every evaluation, and a few MiB hold them. The cache is RSS inside the budget, so small.
+      p.cache_bytes = std::min<uint64_t>(budget / 64, 16ull << 20);
       break;
   }
   return p;

@@ -19,6 +19,7 @@
 #include <limits>
 #include <mutex>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace autotune {
@@ -473,6 +474,17 @@ bool peak_rss_resettable_here() {
   return works;
 }
 
+// (free, total) of an accelerator; zeros where its allocator does not implement the query (it
+// throws "not implemented" on some backends) rather than failing the whole meter.
+std::pair<uint64_t, uint64_t> memory_info_or_zero(c10::DeviceIndex index) {
+  try {
+    const auto [free_bytes, total_bytes] = at::accelerator::getMemoryInfo(index);
+    return {free_bytes, total_bytes};
+  } catch (const c10::Error&) {
+    return {0, 0};
+  }
+}
+
 uint64_t to_u64(int64_t v) {
   return v > 0 ? static_cast<uint64_t>(v) : 0;
 }
@@ -487,7 +499,7 @@ MemoryMeter::MemoryMeter(torch::Device device) : device_(device) {
     // "cuda" means the current device: fix it now so every later reading is of the same one.
     if (!device_.has_index())
       device_ = torch::Device(device_.type(), at::accelerator::getDeviceIndex());
-    const auto [free_bytes, total_bytes] = at::accelerator::getMemoryInfo(device_.index());
+    const auto [free_bytes, total_bytes] = memory_info_or_zero(device_.index());
     const auto stats = at::accelerator::getDeviceStats(device_.index());
     const uint64_t reserved = to_u64(stats.reserved_bytes[0].current);
     const uint64_t used = total_bytes > free_bytes ? total_bytes - free_bytes : 0;
@@ -520,7 +532,7 @@ MemorySample MemoryMeter::sample() const {
     s.device_peak_reserved_bytes = to_u64(stats.reserved_bytes[0].peak);
     s.device_num_ooms = to_u64(stats.num_ooms);
     s.device_num_alloc_retries = to_u64(stats.num_alloc_retries);
-    const auto [free_bytes, total_bytes] = at::accelerator::getMemoryInfo(device_.index());
+    const auto [free_bytes, total_bytes] = memory_info_or_zero(device_.index());
     s.device_free_bytes = free_bytes;
     s.device_total_bytes = total_bytes;
   }
@@ -567,7 +579,7 @@ DeviceMemoryInfo device_memory_info(torch::Device device) {
   }
   const c10::DeviceIndex index =
       device.has_index() ? device.index() : at::accelerator::getDeviceIndex();
-  const auto [free_bytes, total_bytes] = at::accelerator::getMemoryInfo(index);
+  const auto [free_bytes, total_bytes] = memory_info_or_zero(index);
   info.total_bytes = total_bytes;
   info.free_bytes = free_bytes;
   info.name = torch::Device(device.type(), index).str();

@@ -85,7 +85,7 @@ void MemoryMonitor::on_step(const StepStats& st) {
 }
 
 void MemoryMonitor::on_end(const RunSummary&) {
-  if (peak_.budget_bytes == 0) return;
+  if (peak_.budget_bytes == 0 || !opt_.log_summary) return;
   spdlog::info("memory peak {} at step {} ({}){}", format_bytes(peak_.budget_bytes),
                peak_.step + 1, to_string(peak_.phase),
                opt_.budget_bytes ? fmt::format(", {:.1f}% of the budget {}",

@@ -189,6 +189,15 @@ void ProfileStore::save(const Profile& profile, const std::string& path) const {
   atomic_write(path, profile.to_json().dump(2) + "\n");
 }
 
+void ProfileStore::check_writable() const {
+  std::error_code ec;
+  fs::create_directories(dir_, ec);
+  if (ec)
+    throw RuntimeError("cannot create the profile store " + dir_ + ": " + ec.message() +
+                       "; use a writable --profile-dir");
+  StoreLock lock(dir_);
+}
+
 std::vector<std::string> ProfileStore::list() const {
   std::vector<std::string> out;
   std::error_code ec;

@@ -8,6 +8,7 @@
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
+#include "autotune/checkpoint.h"
 #include "autotune/commands.h"
 #include "autotune/errors.h"
 #include "autotune/fault_injection.h"
@@ -73,8 +74,10 @@ RunContext::RunContext(const RunSpec& spec) : spec_(spec), device_(resolve_devic
   policy_ = policy_for(mode_.mode, budget_bytes_);
   if (spec_.preset_start_small) policy_.start_small = true;
   if (spec_.log_every_memory > 0) policy_.monitor_every_steps = spec_.log_every_memory;
-  spdlog::info("mode {}", mode_.reason);
   workload_ = make_workload(spec_, policy_);
+  if (spec_.resume && list_checkpoints(spec_.run_dir).empty())
+    throw UsageError("--resume: no complete checkpoint in " + checkpoint_dir(spec_.run_dir) +
+                     "; start without --resume");
   if (!spec_.run_dir.empty()) {
     std::error_code ec;
     std::filesystem::create_directories(spec_.run_dir, ec);
@@ -149,7 +152,7 @@ void RunContext::print_settings(const Plan& plan, const std::string& plan_source
       {"steps", std::to_string(spec_.steps)},
       {"lr", fmt::format("{:.1e} (warmup, cosine to {:.1e})", spec_.lr, spec_.lr / 10)},
       {"seed", std::to_string(spec_.seed)},
-      {"mode", to_string(mode_.mode)},
+      {"mode", mode_.reason},
       {"budget", budget_bytes_ ? format_bytes(*budget_bytes_) + " (margin " +
                                      format_bytes(margin_bytes_) + ")"
                                : "none"},

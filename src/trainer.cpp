@@ -202,10 +202,11 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
       optimizer.zero_grad(/*set_to_none=*/true);
       double loss_sum = 0;
       for (int64_t m = 0; m < plan.grad_accum; ++m) {
-        // Micro-batch m holds samples [m*mb, (m+1)*mb) of this step's global batch.
+        // Micro-batch m holds samples [m*mb, (m+1)*mb) of this step's global batch. (Fetching
+        // it counts as the forward: a prefetch that ran out of memory surfaces here.)
+        phase = Phase::forward;
         Batch batch = workload.train_batch(step, m * plan.micro_batch, plan.micro_batch, plan,
                                            opt.device);
-        phase = Phase::forward;
         notify([&](TrainObserver& o) { o.on_phase_begin(phase); });
         torch::Tensor loss;
         {

@@ -112,6 +112,11 @@ std::vector<Request> request_pattern() {
     for (int64_t m = 0; m < 4; ++m) train(s, 3 * m, 3);
   train(12, 0, 3);  // the same step again
   train(12, 3, 3);
+  train(12, 6, 3);
+  train(12, 9, 3);
+  // The next step, exactly as predicted but with a shorter seq_len (a plan change between
+  // steps): a batch built for the old length must not be handed out.
+  for (int64_t m = 0; m < 4; ++m) train(13, 3 * m, 3, 32);
   return r;
 }
 
@@ -128,6 +133,17 @@ void expect_same(const Batch& want, const Batch& got, const std::string& what) {
   EXPECT_EQ(got.input.scalar_type(), torch::kInt64) << what;
   EXPECT_TRUE(torch::equal(got.input, want.input)) << what << ": inputs differ";
   EXPECT_TRUE(torch::equal(got.target, want.target)) << what << ": targets differ";
+}
+
+// Waits (up to 5 s) until the loader holds every batch it predicted, as if a training step had
+// given it the time. False if it never does.
+bool wait_prefetched(const GptWorkload& w) {
+  const auto n = static_cast<uint64_t>(w.data_options().prefetch_batches);
+  for (int i = 0; i < 5000; ++i) {
+    if (w.data_stats().prefetch_ready >= n) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return false;
 }
 
 std::string request_name(size_t i, const Request& r) {
@@ -156,25 +172,36 @@ TEST(DataPath, BatchesIdenticalWithAndWithoutCachePrefetchAndPread) {
                                                                 // read: evictions too
   };
   for (const DataOptions& o : variants) {
-    SCOPED_TRACE(describe(o));
-    auto w = tiny_workload(&o);
-    EXPECT_EQ(w->data().mode(), o.read_mode);
-    for (size_t i = 0; i < pattern.size(); ++i)
-      expect_same(want[i], ask(*w, pattern[i]), request_name(i, pattern[i]));
-    const DataStats s = w->data_stats();
-    EXPECT_EQ(s.read_mode, o.read_mode);
-    if (o.prefetch_batches > 0) {
-      // The loader really served batches (else this test would prove nothing about it), and
-      // the pattern changes really missed.
-      EXPECT_EQ(s.prefetch_hits + s.prefetch_misses, static_cast<uint64_t>(train_requests));
-      EXPECT_GT(s.prefetch_hits, static_cast<uint64_t>(train_requests) / 2);
-      EXPECT_GT(s.prefetch_misses, 0u);
-    } else {
-      EXPECT_EQ(s.prefetch_hits + s.prefetch_misses, 0u);
-    }
-    if (o.cache_bytes > 0) {
-      EXPECT_GT(s.cache_hits, 0u);  // the eval windows and the re-run steps
-      EXPECT_LE(s.cache_bytes_in_use, o.cache_bytes);
+    // Back to back (the caller usually beats the thread: late batches, waits on a batch being
+    // built) and with time between requests (the thread is in time: hits).
+    for (bool in_time : {false, true}) {
+      if (in_time && o.prefetch_batches == 0) continue;
+      SCOPED_TRACE(describe(o) + (in_time ? " in time" : " back to back"));
+      auto w = tiny_workload(&o);
+      EXPECT_EQ(w->data().mode(), o.read_mode);
+      for (size_t i = 0; i < pattern.size(); ++i) {
+        expect_same(want[i], ask(*w, pattern[i]), request_name(i, pattern[i]));
+        if (in_time) ASSERT_TRUE(wait_prefetched(*w)) << request_name(i, pattern[i]);
+      }
+      const DataStats s = w->data_stats();
+      EXPECT_EQ(s.read_mode, o.read_mode);
+      if (o.prefetch_batches > 0) {
+        // The pattern was learned (else this test would prove nothing about the loader), and
+        // its changes really missed.
+        EXPECT_EQ(s.prefetch_hits + s.prefetch_misses, static_cast<uint64_t>(train_requests));
+        EXPECT_GT(s.prefetch_hits + s.prefetch_late, static_cast<uint64_t>(train_requests) / 2);
+        EXPECT_GT(s.prefetch_misses - s.prefetch_late, 0u);
+        if (in_time) {
+          EXPECT_EQ(s.prefetch_late, 0u);
+          EXPECT_GT(s.prefetch_hits, static_cast<uint64_t>(train_requests) / 2);
+        }
+      } else {
+        EXPECT_EQ(s.prefetch_hits + s.prefetch_misses, 0u);
+      }
+      if (o.cache_bytes > 0) {
+        EXPECT_GT(s.cache_hits, 0u);  // the eval windows and the re-run steps
+        EXPECT_LE(s.cache_bytes_in_use, o.cache_bytes);
+      }
     }
   }
 }
@@ -193,6 +220,8 @@ TEST(DataPath, ChangingOptionsMidRunKeepsBatchesIdentical) {
   for (size_t i = 0; i < pattern.size(); ++i) {
     if (i % 3 == 0) w->set_data_options(cycle[(i / 3) % 5]);
     expect_same(ask(*ref, pattern[i]), ask(*w, pattern[i]), request_name(i, pattern[i]));
+    // Sometimes with batches built ahead when the options change.
+    if (i % 2 == 0) ASSERT_TRUE(wait_prefetched(*w));
   }
   EXPECT_GT(w->data_stats().prefetch_hits, 0u);
 }
@@ -204,13 +233,17 @@ TEST(DataPath, MicroBatchesConcatenateToTheGlobalBatchWithPrefetch) {
   Plan plan;
   for (int64_t step = 0; step < 5; ++step) {
     std::vector<torch::Tensor> parts;
-    for (int64_t m = 0; m < 4; ++m)
+    for (int64_t m = 0; m < 4; ++m) {
       parts.push_back(w->train_batch(step, 2 * m, 2, plan, torch::kCPU).input);
+      ASSERT_TRUE(wait_prefetched(*w));
+    }
     EXPECT_TRUE(
         torch::equal(torch::cat(parts), ref->train_batch(step, 0, 8, plan, torch::kCPU).input))
         << "step " << step;
   }
-  EXPECT_GE(w->data_stats().prefetch_hits, 18u);  // all but the first two (pattern learned)
+  // All but the first: two ahead cover the step boundary before the global batch is known.
+  EXPECT_EQ(w->data_stats().prefetch_hits, 19u);
+  EXPECT_EQ(w->data_stats().prefetch_misses, 1u);
 }
 
 TEST(DataPath, DefaultsAreThePlainPathAndBadOptionsAreRefused) {
@@ -377,62 +410,81 @@ TEST(BatchLoader, HitsAndMissesFollowTheRequestPattern) {
   // accum 1, one ahead: (0,0) and (1,0) miss. accum 1, two ahead: only (0,0).
   const Case cases[] = {{1, 12, 4, 2}, {2, 12, 4, 1}, {1, 8, 8, 2}, {2, 8, 8, 1}, {4, 16, 2, 1}};
   for (const Case& c : cases) {
-    SCOPED_TRACE("ahead " + std::to_string(c.max_batches) + " global " + std::to_string(c.global) +
-                 " micro " + std::to_string(c.micro));
-    BatchLoader loader(producer, c.max_batches);
-    const auto reqs = trainer_requests(10, c.global, c.micro, 16);
-    for (const auto& k : reqs) ASSERT_TRUE(torch::equal(loader.get(k), batch_for(k)));
-    const PrefetchStats s = loader.stats();
-    EXPECT_EQ(s.misses, c.misses);
-    EXPECT_EQ(s.hits, reqs.size() - c.misses);
-    EXPECT_EQ(loader.global_batch(), c.global);
-    EXPECT_LE(s.ready + s.in_flight, static_cast<uint64_t>(c.max_batches));
+    for (bool in_time : {true, false}) {
+      SCOPED_TRACE("ahead " + std::to_string(c.max_batches) + " global " +
+                   std::to_string(c.global) + " micro " + std::to_string(c.micro) +
+                   (in_time ? " in time" : " back to back"));
+      BatchLoader loader(producer, c.max_batches);
+      const auto reqs = trainer_requests(10, c.global, c.micro, 16);
+      for (const auto& k : reqs) {
+        ASSERT_TRUE(torch::equal(loader.get(k), batch_for(k)));
+        if (in_time) loader.wait_idle();
+        const PrefetchStats s = loader.stats();
+        ASSERT_LE(s.ready + s.in_flight, static_cast<uint64_t>(c.max_batches));
+      }
+      const PrefetchStats s = loader.stats();
+      EXPECT_EQ(s.misses - s.late, c.misses);  // requests no prediction matched
+      EXPECT_EQ(s.hits + s.misses, reqs.size());
+      if (in_time) {
+        EXPECT_EQ(s.late, 0u);
+        EXPECT_EQ(s.hits, reqs.size() - c.misses);
+      }
+      EXPECT_EQ(loader.global_batch(), c.global);
+    }
   }
 }
 
 TEST(BatchLoader, PatternChangesDiscardStaleBatchesAndAreRelearned) {
   BatchLoader loader([](const BatchKey& k, const std::atomic<bool>&) { return batch_for(k); }, 2);
-  for (const auto& k : trainer_requests(3, 12, 4, 16)) loader.get(k);
+  auto get = [&](const BatchKey& k) {
+    EXPECT_TRUE(torch::equal(loader.get(k), batch_for(k)));
+    loader.wait_idle();  // the thread is in time: what was predicted is a hit
+  };
+  for (const auto& k : trainer_requests(3, 12, 4, 16)) get(k);
   EXPECT_EQ(loader.global_batch(), 12);
-  // OOM at (3, 4): step 3 re-run with micro-batches of 2; (3, 8) and (4, 0) were built for nothing.
-  loader.get({3, 0, 4, 16});
-  loader.get({3, 4, 4, 16});
-  // Give the thread time to build what it predicted, so dropping it is observable.
-  for (int i = 0; i < 200 && loader.stats().ready < 2; ++i)
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  const uint64_t misses_before = loader.stats().misses;
-  for (int64_t f = 0; f < 12; f += 2) {
-    const BatchKey k{3, f, 2, 16};
-    ASSERT_TRUE(torch::equal(loader.get(k), batch_for(k)));
-  }
+  // OOM at (3, 8): step 3 re-run with micro-batches of 2; (3, 8) and (4, 0) were built for
+  // nothing.
+  get({3, 0, 4, 16});
+  get({3, 4, 4, 16});
+  const PrefetchStats before = loader.stats();
+  EXPECT_EQ(before.ready, 2u);
+  for (int64_t f = 0; f < 12; f += 2) get({3, f, 2, 16});
   PrefetchStats s = loader.stats();
-  EXPECT_GE(s.discarded, 2u);
-  EXPECT_EQ(s.misses, misses_before + 1);  // only the first request of the new pattern
-  for (int64_t f = 0; f < 12; f += 2) loader.get({4, f, 2, 16});
+  EXPECT_EQ(s.discarded, before.discarded + 2);
+  EXPECT_EQ(s.misses, before.misses + 1);  // only the first request of the new pattern
+  for (int64_t f = 0; f < 12; f += 2) get({4, f, 2, 16});
+  s = loader.stats();
   EXPECT_EQ(loader.global_batch(), 12);
-  EXPECT_EQ(loader.stats().misses, misses_before + 1);
+  EXPECT_EQ(s.misses, before.misses + 1);
+  EXPECT_EQ(s.late, 0u);
 }
 
 TEST(BatchLoader, ProducerExceptionIsRethrownOnTheRequestItBelongsTo) {
   std::atomic<bool> thrown_on_loader_thread{false};
   const auto caller = std::this_thread::get_id();
+  // Steps 3 and 100 fail only when built on the loader thread (like an allocation refused under
+  // a cap at that moment), so the error seen must be the thread's own, not a rebuild's.
   auto producer = [&](const BatchKey& k, const std::atomic<bool>&) -> torch::Tensor {
-    if (k.step == 3 || k.step == 100) {
-      if (std::this_thread::get_id() != caller) thrown_on_loader_thread = true;
+    if ((k.step == 3 || k.step == 100) && std::this_thread::get_id() != caller) {
+      thrown_on_loader_thread = true;
       throw autotune::RuntimeError("cannot read step " + std::to_string(k.step));
     }
+    if (k.first == 4) throw autotune::RuntimeError("cannot read on the caller's thread");
     return batch_for(k);
   };
   BatchLoader loader(producer, 2);
-  for (int64_t s = 0; s < 3; ++s) EXPECT_NO_THROW(loader.get({s, 0, 4, 8}));
+  for (int64_t s = 0; s < 3; ++s) {
+    EXPECT_NO_THROW(loader.get({s, 0, 4, 8}));
+    loader.wait_idle();  // step 3 is built (and fails) on the thread before it is asked for
+  }
+  EXPECT_TRUE(thrown_on_loader_thread.load());
   try {
     loader.get({3, 0, 4, 8});
     ADD_FAILURE() << "the error of step 3 was not re-thrown";
   } catch (const autotune::RuntimeError& e) {  // the producer's own type and message
     EXPECT_STREQ(e.what(), "cannot read step 3");
   }
-  EXPECT_TRUE(thrown_on_loader_thread.load());
-  EXPECT_GE(loader.stats().hits, 3u);  // step 3 was a prefetched (failed) batch
+  EXPECT_EQ(loader.stats().hits, 3u);  // steps 1, 2 and the failed 3 came from the thread
   // The loader goes on after the failure.
   EXPECT_TRUE(torch::equal(loader.get({4, 0, 4, 8}), batch_for({4, 0, 4, 8})));
   EXPECT_TRUE(torch::equal(loader.get({5, 0, 4, 8}), batch_for({5, 0, 4, 8})));
@@ -441,13 +493,17 @@ TEST(BatchLoader, ProducerExceptionIsRethrownOnTheRequestItBelongsTo) {
   thrown_on_loader_thread = false;
   loader.get({98, 0, 4, 8});
   loader.get({99, 0, 4, 8});  // predicts step 100 (fails on the thread) and 101
-  for (int i = 0; i < 200 && !thrown_on_loader_thread.load(); ++i)
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  loader.wait_idle();
   EXPECT_TRUE(thrown_on_loader_thread.load());
   EXPECT_NO_THROW(loader.get({0, 0, 4, 8}));
   EXPECT_NO_THROW(loader.get({1, 0, 4, 8}));
-  // The same failure on the caller's thread (a miss) propagates as usual.
-  EXPECT_THROW(loader.get({3, 4, 4, 8}), autotune::RuntimeError);
+  // A failure on the caller's thread (a miss) propagates as usual.
+  try {
+    loader.get({7, 4, 4, 8});
+    ADD_FAILURE() << "no error on the caller's thread";
+  } catch (const autotune::RuntimeError& e) {
+    EXPECT_STREQ(e.what(), "cannot read on the caller's thread");
+  }
 }
 
 TEST(BatchLoader, StopsPromptlyWhileBuilding) {
@@ -507,7 +563,7 @@ TEST(BatchLoader, RandomRequestPatternsMatchSynchronousAndHoldAtMostTheBound) {
   std::mt19937_64 rng(7);
   for (int64_t bound : {1, 2, 4}) {
     BatchLoader loader(producer, bound);
-    int64_t step = 0, first = 0, micro = 4, global = 12, worst = 0;
+    int64_t step = 0, first = 0, micro = 4, global = 12, seq_len = 8, worst = 0;
     for (int i = 0; i < 3000; ++i) {
       // Mostly the trainer's order, sometimes a jump, a re-run or a new micro-batch.
       const uint64_t dice = rng() % 100;
@@ -520,12 +576,15 @@ TEST(BatchLoader, RandomRequestPatternsMatchSynchronousAndHoldAtMostTheBound) {
         first = 0;
       } else if (dice < 8) {
         first = 0;  // re-run this step
+      } else if (dice < 10) {
+        seq_len = seq_len == 8 ? 5 : 8;  // another plan, the pattern unchanged
       }
-      const BatchKey k{step, first, micro, 8};
+      const BatchKey k{step, first, micro, seq_len};
       {
         torch::Tensor got = loader.get(k);
         ASSERT_TRUE(torch::equal(got, batch_for(k))) << "request " << i;
       }
+      if (rng() % 2 == 0) loader.wait_idle();
       worst = std::max<int64_t>(worst, live.load());
       first += micro;
       if (first >= global) {
@@ -535,12 +594,15 @@ TEST(BatchLoader, RandomRequestPatternsMatchSynchronousAndHoldAtMostTheBound) {
     }
     const PrefetchStats s = loader.stats();
     EXPECT_EQ(s.hits + s.misses, 3000u);
-    EXPECT_GT(s.hit_rate(), 0.5);
+    EXPECT_GT(s.predicted_rate(), 0.8);
+    EXPECT_GT(s.hits, 0u);
     // What the loader holds, plus the one batch that may still be finishing after it was dropped.
     EXPECT_LE(worst, bound + 1) << "bound " << bound;
-    std::printf("[loader] bound %lld: hit rate %.3f, %llu discarded, at most %lld batches alive\n",
-                static_cast<long long>(bound), s.hit_rate(),
-                static_cast<unsigned long long>(s.discarded), static_cast<long long>(worst));
+    std::printf(
+        "[loader] bound %lld: predicted %.3f, hit rate %.3f, %llu discarded, at most %lld "
+        "batches alive\n",
+        static_cast<long long>(bound), s.predicted_rate(), s.hit_rate(),
+        static_cast<unsigned long long>(s.discarded), static_cast<long long>(worst));
   }
   EXPECT_EQ(live.load(), 0);
 }
@@ -677,7 +739,7 @@ TEST_F(BigTokenFile, PreadKeepsResidentMemoryFlatOverTenThousandWindows) {
   EXPECT_EQ(pread_prefetch.checksum, mmap.checksum);
   EXPECT_EQ(pread_cache.checksum, mmap.checksum);
   EXPECT_EQ(pread.stats.read_mode, ReadMode::pread);
-  EXPECT_GT(pread_prefetch.stats.prefetch_hit_rate(), 0.99);
+  EXPECT_GT(pread_prefetch.stats.prefetch_predicted_rate(), 0.99);
   EXPECT_LE(pread_cache.stats.cache_bytes_in_use, cache_cap);
 
   // Flat: within a few MiB (the cache may fill its cap).
@@ -706,8 +768,8 @@ TEST_F(BigTokenFile, TrainBatchThroughputPerReadPath) {
   Plan plan;
   std::printf("[throughput] gpt-10m shapes (T=%lld, micro-batch %lld), %d train_batch calls each\n",
               static_cast<long long>(T), static_cast<long long>(kCount), kBatches);
-  std::printf("[throughput] %-16s %5s %14s %12s %22s %10s\n", "mode", "cache", "batches/s",
-              "Mtokens/s", "stall/batch (200us work)", "hit rate");
+  std::printf("[throughput] %-16s %5s %10s %10s %26s %9s %9s\n", "mode", "pages", "batches/s",
+              "Mtokens/s", "stall/batch w/ 200us work", "hit rate", "predicted");
   for (bool cold : {false, true}) {
     for (const Mode& m : modes) {
       auto w = big_workload(path(), m.o);
@@ -730,10 +792,11 @@ TEST_F(BigTokenFile, TrainBatchThroughputPerReadPath) {
         }
       }
       const double bps = kBatches / alone;
-      std::printf("[throughput] %-16s %5s %14.0f %12.2f %19.1f us %10.3f\n", m.name,
+      const DataStats ds = w->data_stats();
+      std::printf("[throughput] %-16s %5s %10.0f %10.2f %23.1f us %9.3f %9.3f\n", m.name,
                   cold ? "cold" : "warm", bps, bps * kCount * T / 1e6, stall / kBatches * 1e6,
-                  w->data_stats().prefetch_hit_rate());
-      if (m.o.prefetch_batches > 0) EXPECT_GT(w->data_stats().prefetch_hit_rate(), 0.99);
+                  ds.prefetch_hit_rate(), ds.prefetch_predicted_rate());
+      if (m.o.prefetch_batches > 0) EXPECT_GT(ds.prefetch_predicted_rate(), 0.99);
     }
   }
 }

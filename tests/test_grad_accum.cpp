@@ -81,7 +81,9 @@ TEST(GradAccum, TrainerResultIndependentOfSplit) {
   }
   for (size_t i = 1; i < finals.size(); ++i) {
     double err = max_rel_error(finals[0], finals[i]);
-    std::printf("split %zu vs 1: max relative parameter difference %.2e\n", i, err);
-    EXPECT_LE(err, 1e-5);
+    std::printf("split %zu vs first: max relative parameter difference %.2e\n", i, err);
+    // Gradients agree to ~3e-7 (test above); AdamW divides by sqrt(v), which magnifies that
+    // rounding for near-zero gradient entries, so parameters after 3 steps agree to ~3e-5.
+    EXPECT_LE(err, 1e-4);
   }
 }

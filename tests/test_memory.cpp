@@ -34,9 +34,9 @@ TEST(CpuAlloc, InstalledAsTheCpuAllocator) {
   cpu_alloc::install();
   cpu_alloc::install();  // idempotent
   ASSERT_TRUE(cpu_alloc::installed());
-  // Ours is the only CPU allocator with a raw deleter and data == context.
   c10::Allocator* a = c10::GetCPUAllocator();
-  ASSERT_NE(a->raw_deleter(), nullptr);
+  ASSERT_NE(a, c10::GetDefaultCPUAllocator());
+  ASSERT_NE(a->raw_deleter(), nullptr);  // data == context: raw_allocate works
   const int64_t before_bytes = cpu_alloc::current_bytes();
   void* p = a->raw_allocate(1000);
   EXPECT_EQ(cpu_alloc::current_bytes() - before_bytes, 1000);

@@ -1,5 +1,6 @@
 // Mixed precision: bf16 autocast really computes in bf16 and learns like fp32; fp16 with dynamic
 // loss scaling runs and skips steps that overflow.
+#include <ATen/autocast_mode.h>
 #include <gtest/gtest.h>
 
 #include "autotune/gpt_workload.h"

@@ -4,6 +4,7 @@
 #include <filesystem>
 
 #include "autotune/checkpoint.h"
+#include "autotune/errors.h"
 #include "autotune/gpt_workload.h"
 #include "autotune/trainer.h"
 #include "test_support.h"

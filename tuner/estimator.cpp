@@ -14,18 +14,16 @@
 namespace autotune {
 
 namespace {
-// Calibration (docs/ESTIMATOR.md): measured peak tensor bytes / analytic terms over the
-// calibration grid. 1.0 until calibrated.
-constexpr double kActivationScale = 1.0;
 // The counting allocator aligns every block to 64 bytes and keeps a 64-byte header; the fraction
 // of memory lost to that and to short-lived temporaries at the peak.
-constexpr double kSlackFraction = 0.03;
+constexpr double kSlackFraction = 0.01;
 }  // namespace
 
 nlohmann::json Estimate::to_json() const {
   nlohmann::json terms = nlohmann::json::object();
   for (const auto& l : lines) terms[l.name] = l.bytes;
   return {{"peak_bytes", peak_bytes},
+          {"peak_phase", peak_phase},
           {"tensor_peak_bytes", tensor_peak_bytes},
           {"baseline_bytes", baseline_bytes},
           {"n_params", n_params},
@@ -38,16 +36,34 @@ Estimate estimate_memory(const Workload& workload, const Plan& plan, uint64_t ba
   EstimateTerms t = workload.estimate_terms(plan);
   e.n_params = t.n_params;
   const double P = static_cast<double>(t.n_params);
-  // fp32 master weights, fp32 gradients, AdamW exp_avg + exp_avg_sq: 4 + 4 + 8 bytes/param.
-  std::vector<std::pair<std::string, double>> lines = {
-      {"params", 4 * P}, {"grads", 4 * P}, {"optimizer", 8 * P}};
-  for (const auto& term : t.terms) lines.push_back({term.name, term.bytes * kActivationScale});
-  double sum = 0;
-  for (const auto& l : lines) sum += l.second;
-  lines.push_back({"slack", sum * kSlackFraction});
-  sum += sum * kSlackFraction;
+  // fp32 master weights and AdamW's exp_avg + exp_avg_sq (from the first optimizer step on);
+  // fp32 gradients only from the backward to the optimizer step.
+  const double params = 4 * P, grads = 4 * P, optimizer = 8 * P;
+  double activations = 0;
+  for (const auto& term : t.terms) activations += term.bytes;
+  // The three candidate peaks of a step:
+  //   end of forward : params + optimizer + everything saved for backward
+  //   end of backward: params + optimizer + all gradients + the first block's tail
+  //   optimizer step : params + optimizer + gradients + one parameter's temporaries
+  const double forward_end = params + optimizer + activations + t.weight_copy_bytes;
+  const double backward_end = params + optimizer + grads + t.backward_tail_bytes + t.weight_copy_bytes;
+  const double optimizer_step = params + optimizer + grads;
+  double peak = std::max({forward_end, backward_end, optimizer_step});
+  e.peak_phase = peak == forward_end ? "forward" : (peak == backward_end ? "backward" : "optimizer");
+
+  std::vector<std::pair<std::string, double>> lines = {{"params", params}, {"optimizer", optimizer}};
+  if (e.peak_phase == "forward") {
+    for (const auto& term : t.terms) lines.push_back({term.name, term.bytes});
+  } else {
+    lines.push_back({"grads", grads});
+    if (e.peak_phase == "backward") lines.push_back({"backward tail", t.backward_tail_bytes});
+  }
+  if (t.weight_copy_bytes > 0 && e.peak_phase != "optimizer")
+    lines.push_back({"autocast weight copies", t.weight_copy_bytes});
+  lines.push_back({"slack", peak * kSlackFraction});
+  peak += peak * kSlackFraction;
   for (const auto& l : lines) e.lines.push_back({l.first, static_cast<uint64_t>(l.second)});
-  e.tensor_peak_bytes = static_cast<uint64_t>(sum);
+  e.tensor_peak_bytes = static_cast<uint64_t>(peak);
   e.baseline_bytes = baseline_bytes;
   e.peak_bytes = e.tensor_peak_bytes + baseline_bytes;
   return e;
@@ -61,7 +77,8 @@ void print_estimate(const Estimate& e) {
     rows.push_back({l.name, fmt::format("{:>12}  {:5.1f}%", format_bytes(l.bytes),
                                         100.0 * static_cast<double>(l.bytes) /
                                             static_cast<double>(e.tensor_peak_bytes))});
-  rows.push_back({"tensor peak", format_bytes(e.tensor_peak_bytes)});
+  rows.push_back({"tensor peak", format_bytes(e.tensor_peak_bytes) + " (at the " + e.peak_phase +
+                                     " peak)"});
   rows.push_back({"process baseline", format_bytes(e.baseline_bytes)});
   rows.push_back({"peak (budget figure)", format_bytes(e.peak_bytes)});
   print_table("estimate", rows);

@@ -64,6 +64,7 @@ Trial run_trial(Workload& workload, const Plan& plan, const ProbeOptions& opt,
 
   MemoryMonitorOptions mo;
   mo.every_steps = 0;
+  mo.log_summary = false;
   MemoryMonitor monitor(meter, mo);
   StepTimer timer;
   timer.tokens_per_step = probe_plan.global_batch() * workload.tokens_per_sequence(plan);

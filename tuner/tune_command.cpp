@@ -85,6 +85,14 @@ int tune_command(const RunSpec& spec_in) {
   const ModePolicy& policy = ctx.policy();
 
   ProfileStore store(spec.profile_dir);
+  if (spec.require_profile_save) {
+    try {
+      store.check_writable();
+    } catch (const RuntimeError& e) {
+      throw RuntimeError(std::string(e.what()) + " (--require-profile-save)");
+    }
+  }
+  spdlog::info("mode {}", mode.reason);
   const Fingerprint fp = make_fingerprint(ctx, global_batch);
   const std::string path = spec.profile_file.empty() ? store.path_for(fp) : spec.profile_file;
 

@@ -35,14 +35,23 @@ struct BatchKey {
 };
 
 struct PrefetchStats {
-  uint64_t hits = 0;       // requests served by a batch the thread built (or was building)
-  uint64_t misses = 0;     // requests built on the caller's thread
-  uint64_t discarded = 0;  // predicted batches dropped unused (the request pattern changed)
+  uint64_t hits = 0;    // requests served by a batch the thread built (or was building)
+  uint64_t misses = 0;  // requests built on the caller's thread, `late` ones included
+  // Predicted, but the thread had not started on it yet (it was busy, or not scheduled): built
+  // on the caller's thread, which is faster than waiting for the thread to get to it.
+  uint64_t late = 0;
+  uint64_t discarded = 0;  // predicted batches dropped after being built (the pattern changed)
   uint64_t ready = 0;      // batches built and held right now (<= max_batches)
   uint64_t in_flight = 0;  // batches being built right now (0 or 1)
   double hit_rate() const {
     const uint64_t n = hits + misses;
     return n == 0 ? 0.0 : static_cast<double>(hits) / static_cast<double>(n);
+  }
+  // Requests that matched a prediction, whether or not the thread was in time: how well the
+  // request pattern is learned, independent of scheduling.
+  double predicted_rate() const {
+    const uint64_t n = hits + misses;
+    return n == 0 ? 0.0 : static_cast<double>(hits + late) / static_cast<double>(n);
   }
 };
 
@@ -70,6 +79,9 @@ class BatchLoader {
   torch::Tensor get(const BatchKey& key);
 
   PrefetchStats stats() const;
+  // Blocks until every predicted batch is built: a stand-in for the time a training step takes,
+  // for tests and benchmarks that need the thread to have been in time.
+  void wait_idle();
   int64_t max_batches() const { return max_batches_; }
   // The global batch learned from the requests (samples per step); 0 while unknown.
   int64_t global_batch() const;
@@ -100,7 +112,7 @@ class BatchLoader {
   std::mutex request_mu_;            // serialises get(): one consumer at a time
   mutable std::mutex mu_;            // guards everything below
   std::condition_variable work_cv_;  // loader thread: a slot became pending, or stop
-  std::condition_variable done_cv_;  // consumer: the running slot finished
+  std::condition_variable done_cv_;  // consumer: a slot finished building
   std::vector<Slot> slots_;          // predictions in request order, size <= max_batches_
   uint64_t next_id_ = 1;
   uint64_t running_id_ = 0;  // id of the slot being built (it may have been dropped); 0: none
@@ -108,7 +120,7 @@ class BatchLoader {
   std::atomic<bool> cancel_{false};  // the running slot was dropped, or shutdown
   std::optional<BatchKey> last_;     // previous request, to learn the global batch
   int64_t global_ = 0;
-  uint64_t hits_ = 0, misses_ = 0, discarded_ = 0;
+  uint64_t hits_ = 0, misses_ = 0, late_ = 0, discarded_ = 0;
 
   std::thread thread_;  // last: started after every member above exists
 };

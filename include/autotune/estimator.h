@@ -24,6 +24,7 @@ struct Estimate {
   int64_t n_params = 0;
   std::vector<EstimateLine> lines;  // params, grads, optimizer, activations..., slack
   uint64_t tensor_peak_bytes = 0;   // sum of lines: the counting allocator's peak
+  std::string peak_phase;           // forward | backward | optimizer: where that peak is
   uint64_t baseline_bytes = 0;      // process memory outside tensors
   uint64_t peak_bytes = 0;          // the budget figure: tensor peak + baseline
   nlohmann::json to_json() const;

@@ -37,6 +37,7 @@ struct DataStats {
   int64_t prefetch_batches = 0;       // the loader's bound; 0: no loader
   uint64_t prefetch_hits = 0;         // train batches the loader thread had built
   uint64_t prefetch_misses = 0;       // train batches built on request (loader on)
+  uint64_t prefetch_late = 0;         // of the misses: predicted, but the thread had not started
   uint64_t prefetch_discarded = 0;    // built ahead and dropped (the request pattern changed)
   uint64_t prefetch_ready = 0;        // batches the loader holds right now
   double cache_hit_rate() const {
@@ -46,6 +47,12 @@ struct DataStats {
   double prefetch_hit_rate() const {
     const uint64_t n = prefetch_hits + prefetch_misses;
     return n == 0 ? 0.0 : static_cast<double>(prefetch_hits) / static_cast<double>(n);
+  }
+  // Requests that matched a prediction (hits and late misses): the pattern was learned.
+  double prefetch_predicted_rate() const {
+    const uint64_t n = prefetch_hits + prefetch_misses;
+    return n == 0 ? 0.0
+                  : static_cast<double>(prefetch_hits + prefetch_late) / static_cast<double>(n);
   }
 };
 
@@ -62,7 +69,8 @@ class GptWorkload : public Workload {
   // with the new bound. Not to be called concurrently with train_batch/val_batch.
   void set_data_options(const DataOptions& options);
   const DataOptions& data_options() const { return options_; }
-  // Safe to call from another thread (a memory monitor) while batches are being built.
+  // Safe to call from another thread (a memory monitor) while batches are being built, but not
+  // while set_data_options runs.
   DataStats data_stats() const;
 
   std::string kind() const override { return "gpt"; }

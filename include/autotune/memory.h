@@ -98,7 +98,9 @@ class MemoryMeter {
   // The budget figure (DESIGN.md, "What the budget means"):
   //   accelerator: peak reserved by the caching allocator + the context (total - free - reserved
   //                at construction);
-  //   CPU: peak RSS of the process; where VmHWM cannot be reset, baseline + peak tensor bytes.
+  //   CPU: peak RSS of the process; where VmHWM cannot be reset, baseline + peak tensor bytes
+  //        (never below the RSS seen now). An accelerator device that is not present (CPU-only
+  //        build, no GPU) has no device stats and gets the CPU figure.
   uint64_t budget_figure_peak(const MemorySample& s) const;
   uint64_t budget_figure_now(const MemorySample& s) const;
 

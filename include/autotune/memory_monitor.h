@@ -32,6 +32,7 @@ struct MemoryMonitorOptions {
   std::string timeline_path;     // JSONL; empty: none
   double warn_fraction = 0.9;
   bool keep_history = false;     // keep every PhasePeak (tests, probes)
+  bool log_summary = true;       // the end-of-run peak line (off for probe trials)
 };
 
 class MemoryMonitor : public TrainObserver {

@@ -67,6 +67,9 @@ class ProfileStore {
   // Atomic write (temp + fsync + rename) under flock on dir/.lock. Throws RuntimeError.
   void save(const Profile& profile, const std::string& path) const;
   std::vector<std::string> list() const;  // *.json in dir, sorted
+  // Creates the directory and takes the lock once; throws RuntimeError when it cannot (used to
+  // fail before probing when --require-profile-save is given).
+  void check_writable() const;
 
  private:
   std::string dir_;

@@ -47,7 +47,12 @@ struct EstimateTerm {
 };
 struct EstimateTerms {
   int64_t n_params = 0;
-  std::vector<EstimateTerm> terms;  // saved-for-backward and working memory at the peak
+  // Alive at the end of the forward (step 2 on: AdamW states exist, gradients do not yet).
+  std::vector<EstimateTerm> terms;
+  // Activation bytes alive while the last gradients are produced (all gradients allocated):
+  // the first block's saved tensors (or its recomputation) plus its backward working memory.
+  double backward_tail_bytes = 0;
+  double weight_copy_bytes = 0;  // autocast's low-precision weight copies (alive in both)
 };
 
 class Workload {

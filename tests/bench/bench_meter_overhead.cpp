@@ -5,13 +5,21 @@
 // the processes and prints the overhead.
 //
 //   bench_meter_overhead --mode default|mallopt|counting|meter [--steps N] [--warmup N]
+//                        [--threads N]  (intra-op threads; default: LibTorch's choice)
 //     default   LibTorch's own CPU allocator, glibc untouched
 //     mallopt   only glibc's mmap/trim thresholds pinned (the malloc policy install() sets)
 //     counting  cpu_alloc::install(): counting allocator + pinned thresholds
 //     meter     counting + a MemoryMeter that resets and samples peaks around each phase
 //               (forward, backward, optimizer), as the trainer's per-phase peaks do
-// Prints one line: mode=... steps=... median_step_ms=... min_step_ms=... peak_tensor_bytes=...
+// Prints one line: mode=... steps=... median_step_ms=... median_cpu_ms=... minflt=...
+// peak_tensor_bytes=...
+// cpu_ms is the CPU time of all threads of the process (user + system, so page faults count) per
+// step: steadier than wall time on a machine that other jobs share. minflt is the minor page faults
+// per step (fresh pages the kernel had to map and zero): what pinning glibc's mmap threshold costs,
+// counted exactly rather than timed.
 #include <malloc.h>
+#include <sys/resource.h>
+#include <time.h>
 
 #include <algorithm>
 #include <chrono>
@@ -39,10 +47,28 @@ struct Block : torch::nn::Module {
   }
 };
 
+double cpu_ms_now() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) * 1e3 + static_cast<double>(ts.tv_nsec) / 1e6;
+}
+
+double minor_faults_now() {
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  return static_cast<double>(ru.ru_minflt);
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
 int usage() {
   std::fprintf(stderr,
                "usage: bench_meter_overhead --mode default|mallopt|counting|meter "
-               "[--steps N] [--warmup N]\n");
+               "[--steps N] [--warmup N] [--threads N]\n");
   return 2;
 }
 
@@ -50,7 +76,7 @@ int usage() {
 
 int main(int argc, char** argv) {
   std::string mode;
-  int steps = 20, warmup = 3;
+  int steps = 20, warmup = 3, threads = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--mode" && i + 1 < argc)
@@ -59,12 +85,15 @@ int main(int argc, char** argv) {
       steps = std::atoi(argv[++i]);
     else if (a == "--warmup" && i + 1 < argc)
       warmup = std::atoi(argv[++i]);
+    else if (a == "--threads" && i + 1 < argc)
+      threads = std::atoi(argv[++i]);
     else
       return usage();
   }
   if (mode != "default" && mode != "mallopt" && mode != "counting" && mode != "meter")
     return usage();
-  if (steps < 1 || warmup < 0) return usage();
+  if (steps < 1 || warmup < 0 || threads < 0) return usage();
+  if (threads > 0) torch::set_num_threads(threads);
 
   // Installed before any tensor exists, as the tool does at start-up.
   std::unique_ptr<autotune::MemoryMeter> meter;
@@ -92,9 +121,10 @@ int main(int argc, char** argv) {
     meter->reset_peaks();
   };
 
-  std::vector<double> step_ms;
+  std::vector<double> step_ms, cpu_ms, minflt;
   for (int s = 0; s < warmup + steps; ++s) {
     const auto t0 = std::chrono::steady_clock::now();
+    const double c0 = cpu_ms_now(), f0 = minor_faults_now();
     opt.zero_grad();
     auto loss = torch::mse_loss(model->forward(x), target);
     phase_boundary();  // forward
@@ -102,19 +132,18 @@ int main(int argc, char** argv) {
     phase_boundary();  // backward
     opt.step();
     phase_boundary();  // optimizer
+    const double c1 = cpu_ms_now(), f1 = minor_faults_now();
     const auto t1 = std::chrono::steady_clock::now();
-    if (s >= warmup) step_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+    if (s < warmup) continue;
+    step_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+    cpu_ms.push_back(c1 - c0);
+    minflt.push_back(f1 - f0);
   }
-  std::sort(step_ms.begin(), step_ms.end());
-  const double median_ms =
-      step_ms.size() % 2 == 1
-          ? step_ms[step_ms.size() / 2]
-          : 0.5 * (step_ms[step_ms.size() / 2 - 1] + step_ms[step_ms.size() / 2]);
   std::printf(
-      "mode=%s steps=%d median_step_ms=%.2f min_step_ms=%.2f peak_tensor_bytes=%lld "
-      "phase_peak_bytes=%llu\n",
-      mode.c_str(), steps, median_ms, step_ms.front(),
-      static_cast<long long>(autotune::cpu_alloc::peak_bytes()),
+      "mode=%s steps=%d median_step_ms=%.2f min_step_ms=%.2f median_cpu_ms=%.2f minflt=%.0f "
+      "peak_tensor_bytes=%lld phase_peak_bytes=%llu\n",
+      mode.c_str(), steps, median(step_ms), *std::min_element(step_ms.begin(), step_ms.end()),
+      median(cpu_ms), median(minflt), static_cast<long long>(autotune::cpu_alloc::peak_bytes()),
       static_cast<unsigned long long>(phase_peak_bytes));
   return 0;
 }
