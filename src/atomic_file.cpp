@@ -61,8 +61,8 @@ void atomic_write(const std::string& path, const std::string& bytes) {
   atomic_write_with(path, [&](const std::string& tmp) {
     int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (fd < 0)
-      throw RuntimeError("cannot create " + tmp + ": " + std::strerror(errno) +
-                         "; check that " + parent_of(path) + " exists and is writable");
+      throw RuntimeError("cannot create " + tmp + ": " + std::strerror(errno) + "; check that " +
+                         parent_of(path) + " exists and is writable");
     size_t done = 0;
     while (done < bytes.size()) {
       ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
@@ -75,8 +75,7 @@ void atomic_write(const std::string& path, const std::string& bytes) {
       }
       done += static_cast<size_t>(n);
     }
-    if (::close(fd) != 0)
-      throw RuntimeError("cannot write " + path + ": " + std::strerror(errno));
+    if (::close(fd) != 0) throw RuntimeError("cannot write " + path + ": " + std::strerror(errno));
   });
 }
 

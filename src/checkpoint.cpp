@@ -1,7 +1,12 @@
 #include "autotune/checkpoint.h"
 
+#include <signal.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 
 #include "autotune/atomic_file.h"
@@ -11,7 +16,9 @@ namespace fs = std::filesystem;
 
 namespace autotune {
 
-std::string checkpoint_dir(const std::string& run_dir) { return run_dir + "/checkpoints"; }
+std::string checkpoint_dir(const std::string& run_dir) {
+  return run_dir + "/checkpoints";
+}
 
 std::vector<std::string> list_checkpoints(const std::string& run_dir) {
   std::vector<std::string> out;
@@ -24,6 +31,22 @@ std::vector<std::string> list_checkpoints(const std::string& run_dir) {
   return out;
 }
 
+namespace {
+// A writer killed mid-write (kill -9, power loss) leaves its temp file; the checkpoint it was
+// writing never appeared, so the file is garbage. Remove those of processes that are gone.
+void remove_stale_temp_files(const std::string& dir) {
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    const auto at = name.find(".tmp.");
+    if (at == std::string::npos) continue;
+    const long pid = std::strtol(name.c_str() + at + 5, nullptr, 10);
+    if (pid > 0 && pid != ::getpid() && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH)
+      fs::remove(e.path(), ec);
+  }
+}
+}  // namespace
+
 std::string save_checkpoint(const std::string& run_dir, const CheckpointMeta& meta,
                             torch::nn::Module& model, torch::optim::Optimizer& optimizer,
                             const torch::Tensor& loss_scaler_state, int keep) {
@@ -33,6 +56,7 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointMeta& me
   if (ec)
     throw RuntimeError("cannot create checkpoint directory " + dir + ": " + ec.message() +
                        "; choose a writable --run-dir");
+  remove_stale_temp_files(dir);
   char name[32];
   std::snprintf(name, sizeof name, "step_%08lld.pt", static_cast<long long>(meta.step));
   const std::string path = dir + "/" + name;
@@ -44,8 +68,8 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointMeta& me
     optimizer.save(optim_archive);
     archive.write("model", model_archive);
     archive.write("optimizer", optim_archive);
-    nlohmann::json m = {{"step", meta.step}, {"plan", meta.plan},
-                        {"seed", meta.seed},  {"workload", meta.workload}};
+    nlohmann::json m = {
+        {"step", meta.step}, {"plan", meta.plan}, {"seed", meta.seed}, {"workload", meta.workload}};
     archive.write("meta", c10::IValue(m.dump()));
     archive.write("rng_cpu", at::detail::getDefaultCPUGenerator().get_state(), /*is_buffer=*/true);
     archive.write("loss_scaler", loss_scaler_state, /*is_buffer=*/true);

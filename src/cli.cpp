@@ -5,8 +5,8 @@
 #include <iostream>
 #include <memory>
 
-#include <cxxopts.hpp>
 #include <spdlog/spdlog.h>
+#include <cxxopts.hpp>
 
 #include "autotune/commands.h"
 #include "autotune/errors.h"
@@ -27,44 +27,41 @@ const char* kUsage =
     "sizes: 10G = 10 GiB (2^30 bytes), 10GB = 10^9 bytes, 512M, 0.5T, bytes, 80% of the device\n";
 
 void add_common(cxxopts::Options& o) {
-  o.add_options("common")
-      ("model", "GPT preset (gpt-tiny, gpt-mini, gpt-10m, gpt2-small), lstm preset, or JSON file",
-       cxxopts::value<std::string>())
-      ("data", "token file from prepare-data (default data/corpus.tok)",
-       cxxopts::value<std::string>())
-      ("device", "auto | cpu | cuda[:N]", cxxopts::value<std::string>())
-      ("global-batch", "sequences per optimizer step", cxxopts::value<std::string>())
-      ("batch-tokens", "tokens per optimizer step (instead of --global-batch)",
-       cxxopts::value<std::string>())
-      ("steps", "optimizer steps", cxxopts::value<std::string>())
-      ("seed", "random seed", cxxopts::value<std::string>())
-      ("lr", "peak learning rate", cxxopts::value<std::string>())
-      ("eval-every", "evaluate every N steps (0: at the end)", cxxopts::value<std::string>())
-      ("eval-sequences", "validation sequences per evaluation", cxxopts::value<std::string>())
-      ("log-every", "progress line every N steps", cxxopts::value<std::string>())
-      ("run-dir", "checkpoints and memory timeline go here", cxxopts::value<std::string>())
-      ("checkpoint-every", "checkpoint every N steps (0: at the end)", cxxopts::value<std::string>())
-      ("resume", "continue from the newest checkpoint in --run-dir")
-      ("budget", "memory budget, e.g. 10G", cxxopts::value<std::string>())
-      ("margin", "safety margin below the budget (bytes or %)", cxxopts::value<std::string>())
-      ("profile-dir", "profile store (default profiles/)", cxxopts::value<std::string>())
-      ("profile", "use this profile file", cxxopts::value<std::string>())
-      ("mode", "auto | normal | low | ultra-low", cxxopts::value<std::string>())
-      ("preset", "tuner policy from profiles/presets", cxxopts::value<std::string>())
-      ("search", "model | power | halve", cxxopts::value<std::string>())
-      ("allow-shrink", "seq,width: knobs that may change the task or model",
-       cxxopts::value<std::string>())
-      ("reprobe", "probe even if a profile matches")
-      ("require-profile-save", "fail when the profile cannot be saved")
-      ("json", "print one JSON summary on stdout")
-      ("h,help", "show help");
-  o.add_options("plan")
-      ("micro-batch", "sequences per forward/backward", cxxopts::value<std::string>())
-      ("grad-accum", "micro-batches per optimizer step", cxxopts::value<std::string>())
-      ("precision", "fp32 | bf16 | fp16", cxxopts::value<std::string>())
-      ("checkpointing", "on | off", cxxopts::value<std::string>())
-      ("seq-len", "tokens per sequence", cxxopts::value<std::string>())
-      ("eval-batch", "sequences per evaluation forward", cxxopts::value<std::string>());
+  o.add_options("common")(
+      "model", "GPT preset (gpt-tiny, gpt-mini, gpt-10m, gpt2-small), lstm preset, or JSON file",
+      cxxopts::value<std::string>())("data",
+                                     "token file from prepare-data (default data/corpus.tok)",
+                                     cxxopts::value<std::string>())(
+      "device", "auto | cpu | cuda[:N]", cxxopts::value<std::string>())(
+      "global-batch", "sequences per optimizer step", cxxopts::value<std::string>())(
+      "batch-tokens", "tokens per optimizer step (instead of --global-batch)",
+      cxxopts::value<std::string>())("steps", "optimizer steps", cxxopts::value<std::string>())(
+      "seed", "random seed", cxxopts::value<std::string>())("lr", "peak learning rate",
+                                                            cxxopts::value<std::string>())(
+      "eval-every", "evaluate every N steps (0: at the end)", cxxopts::value<std::string>())(
+      "eval-sequences", "validation sequences per evaluation", cxxopts::value<std::string>())(
+      "log-every", "progress line every N steps", cxxopts::value<std::string>())(
+      "run-dir", "checkpoints and memory timeline go here", cxxopts::value<std::string>())(
+      "checkpoint-every", "checkpoint every N steps (0: at the end)",
+      cxxopts::value<std::string>())("resume", "continue from the newest checkpoint in --run-dir")(
+      "budget", "memory budget, e.g. 10G", cxxopts::value<std::string>())(
+      "margin", "safety margin below the budget (bytes or %)", cxxopts::value<std::string>())(
+      "profile-dir", "profile store (default profiles/)", cxxopts::value<std::string>())(
+      "profile", "use this profile file", cxxopts::value<std::string>())(
+      "mode", "auto | normal | low | ultra-low", cxxopts::value<std::string>())(
+      "preset", "tuner policy from profiles/presets", cxxopts::value<std::string>())(
+      "search", "model | power | halve", cxxopts::value<std::string>())(
+      "allow-shrink", "seq,width: knobs that may change the task or model",
+      cxxopts::value<std::string>())("reprobe", "probe even if a profile matches")(
+      "require-profile-save", "fail when the profile cannot be saved")(
+      "json", "print one JSON summary on stdout")("h,help", "show help");
+  o.add_options("plan")("micro-batch", "sequences per forward/backward",
+                        cxxopts::value<std::string>())(
+      "grad-accum", "micro-batches per optimizer step", cxxopts::value<std::string>())(
+      "precision", "fp32 | bf16 | fp16", cxxopts::value<std::string>())(
+      "checkpointing", "on | off", cxxopts::value<std::string>())("seq-len", "tokens per sequence",
+                                                                  cxxopts::value<std::string>())(
+      "eval-batch", "sequences per evaluation forward", cxxopts::value<std::string>());
 }
 
 // Numbers are taken as text and converted here, so a bad value names its flag.
@@ -77,9 +74,12 @@ T convert(const char* name, const std::string& text) {
     T v{};
     bool ok = !text.empty();
     try {
-      if constexpr (std::is_same_v<T, double>) v = std::stod(text, &used);
-      else if constexpr (std::is_same_v<T, uint64_t>) v = std::stoull(text, &used);
-      else v = static_cast<T>(std::stoll(text, &used));
+      if constexpr (std::is_same_v<T, double>)
+        v = std::stod(text, &used);
+      else if constexpr (std::is_same_v<T, uint64_t>)
+        v = std::stoull(text, &used);
+      else
+        v = static_cast<T>(std::stoll(text, &used));
     } catch (const std::exception&) {
       ok = false;
     }
@@ -99,8 +99,9 @@ void take(const cxxopts::ParseResult& r, const char* name, std::optional<T>& out
 }
 
 int64_t positive(const char* flag, int64_t v) {
-  if (v < 1) throw UsageError(std::string("--") + flag + " must be a positive integer, got " +
-                              std::to_string(v));
+  if (v < 1)
+    throw UsageError(std::string("--") + flag + " must be a positive integer, got " +
+                     std::to_string(v));
   return v;
 }
 
@@ -145,11 +146,16 @@ RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r) {
   }
   if (r.count("mode")) {
     auto m = r["mode"].as<std::string>();
-    if (m == "auto") s.mode = Mode::auto_;
-    else if (m == "normal") s.mode = Mode::normal;
-    else if (m == "low") s.mode = Mode::low;
-    else if (m == "ultra-low") s.mode = Mode::ultra_low;
-    else throw UsageError("invalid --mode '" + m + "': use auto, normal, low or ultra-low");
+    if (m == "auto")
+      s.mode = Mode::auto_;
+    else if (m == "normal")
+      s.mode = Mode::normal;
+    else if (m == "low")
+      s.mode = Mode::low;
+    else if (m == "ultra-low")
+      s.mode = Mode::ultra_low;
+    else
+      throw UsageError("invalid --mode '" + m + "': use auto, normal, low or ultra-low");
   }
   if (s.search != "model" && s.search != "power" && s.search != "halve")
     throw UsageError("invalid --search '" + s.search + "': use model, power or halve");
@@ -158,11 +164,14 @@ RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r) {
     size_t start = 0;
     while (start <= list.size()) {
       size_t comma = list.find(',', start);
-      std::string item = list.substr(start, comma == std::string::npos ? std::string::npos
-                                                                         : comma - start);
-      if (item == "seq") s.allow_shrink_seq = true;
-      else if (item == "width") s.allow_shrink_width = true;
-      else throw UsageError("invalid --allow-shrink item '" + item + "': use seq, width or seq,width");
+      std::string item =
+          list.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+      if (item == "seq")
+        s.allow_shrink_seq = true;
+      else if (item == "width")
+        s.allow_shrink_width = true;
+      else
+        throw UsageError("invalid --allow-shrink item '" + item + "': use seq, width or seq,width");
       if (comma == std::string::npos) break;
       start = comma + 1;
     }

@@ -6,8 +6,8 @@
 #include <iostream>
 #include <mutex>
 
-#include <cxxopts.hpp>
 #include <spdlog/spdlog.h>
+#include <cxxopts.hpp>
 
 #include "autotune/errors.h"
 #include "autotune/gpt_workload.h"
@@ -33,8 +33,9 @@ std::unique_ptr<Workload> make_workload(const RunSpec& spec, const ModePolicy& p
   GptConfig cfg = load_gpt_config(spec.model);
   std::string data = spec.data.empty() ? "data/corpus.tok" : spec.data;
   if (spec.data.empty() && !std::filesystem::exists(data))
-    throw UsageError("no --data given and the default corpus data/corpus.tok is missing; run "
-                     "scripts/setup or `autotune prepare-data --input TEXT... --output FILE`");
+    throw UsageError(
+        "no --data given and the default corpus data/corpus.tok is missing; run "
+        "scripts/setup or `autotune prepare-data --input TEXT... --output FILE`");
   auto w = std::make_unique<GptWorkload>(cfg, TokenFile::open(data), spec.seed);
   // The memory mode decides the data path: positioned reads without caching in ultra-low-mem
   // (resident memory stays flat), a byte-capped sample cache and bounded prefetch otherwise.
@@ -46,8 +47,8 @@ std::unique_ptr<Workload> make_workload(const RunSpec& spec, const ModePolicy& p
 int prepare_data_command(int argc, char** argv) {
   cxxopts::Options o("autotune prepare-data", "Turn text files or folders into a token file.");
   o.add_options()("input", "text file or folder (repeatable)",
-                  cxxopts::value<std::vector<std::string>>())(
-      "output", "token file to write", cxxopts::value<std::string>())(
+                  cxxopts::value<std::vector<std::string>>())("output", "token file to write",
+                                                              cxxopts::value<std::string>())(
       "val-fraction", "share of tokens held out for validation",
       cxxopts::value<double>()->default_value("0.1"))("h,help", "show help");
   auto r = o.parse(argc, argv);

@@ -20,11 +20,16 @@ OomInjector::OomInjector(const std::string& spec) {
         ok = false;
       }
       const std::string phase = item.substr(colon + 1);
-      if (phase == "forward") shot.phase = Phase::forward;
-      else if (phase == "backward") shot.phase = Phase::backward;
-      else if (phase == "optimizer") shot.phase = Phase::optimizer;
-      else if (phase == "eval") shot.phase = Phase::eval;
-      else ok = false;
+      if (phase == "forward")
+        shot.phase = Phase::forward;
+      else if (phase == "backward")
+        shot.phase = Phase::backward;
+      else if (phase == "optimizer")
+        shot.phase = Phase::optimizer;
+      else if (phase == "eval")
+        shot.phase = Phase::eval;
+      else
+        ok = false;
     }
     if (!ok || shot.step < 1)
       throw UsageError("AUTOTUNE_INJECT_OOM item '" + item +
@@ -39,8 +44,9 @@ void OomInjector::on_phase_begin(Phase phase) {
         (phase == Phase::eval ? step_ >= shot.step : step_ + 1 == shot.step)) {
       shot.done = true;
       ++fired_;
-      TORCH_CHECK_WITH(OutOfMemoryError, false, "injected out of memory (AUTOTUNE_INJECT_OOM) at step ",
-                       shot.step, " ", to_string(phase));
+      TORCH_CHECK_WITH(OutOfMemoryError, false,
+                       "injected out of memory (AUTOTUNE_INJECT_OOM) at step ", shot.step, " ",
+                       to_string(phase));
     }
 }
 

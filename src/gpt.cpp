@@ -22,7 +22,8 @@ void GptConfig::validate() const {
   need(n_head >= 1 && n_head <= 1024, "n_head must be in [1, 1024]");
   need(d_model >= 1 && d_model <= 65536, "d_model must be in [1, 65536]");
   need(d_model % n_head == 0, "n_head (" + std::to_string(n_head) + ") must divide d_model (" +
-                                  std::to_string(d_model) + "); set d_model to a multiple of n_head");
+                                  std::to_string(d_model) +
+                                  "); set d_model to a multiple of n_head");
   need(seq_len >= 1 && seq_len <= 1048576, "seq_len must be in [1, 1048576]");
   need(vocab_size >= 2 && vocab_size <= 1048576, "vocab_size must be in [2, 1048576]");
   need(dropout >= 0.0 && dropout < 1.0, "dropout must be in [0, 1)");
@@ -41,8 +42,8 @@ int64_t GptConfig::n_params() const {
 }
 
 nlohmann::json GptConfig::to_json() const {
-  return {{"name", name},     {"n_layer", n_layer},       {"n_head", n_head},
-          {"d_model", d_model}, {"seq_len", seq_len},     {"vocab_size", vocab_size},
+  return {{"name", name},       {"n_layer", n_layer}, {"n_head", n_head},
+          {"d_model", d_model}, {"seq_len", seq_len}, {"vocab_size", vocab_size},
           {"dropout", dropout}};
 }
 
@@ -52,9 +53,9 @@ struct Preset {
   int64_t n_layer, n_head, d_model, seq_len, vocab_size;
 };
 const Preset kPresets[] = {
-    {"gpt-tiny", 2, 2, 64, 64, 256},        // ~0.12M params: tests
-    {"gpt-mini", 4, 4, 128, 128, 256},      // ~0.8M: the quick start
-    {"gpt-10m", 6, 6, 384, 256, 256},       // ~10.7M
+    {"gpt-tiny", 2, 2, 64, 64, 256},           // ~0.12M params: tests
+    {"gpt-mini", 4, 4, 128, 128, 256},         // ~0.8M: the quick start
+    {"gpt-10m", 6, 6, 384, 256, 256},          // ~10.7M
     {"gpt2-small", 12, 12, 768, 1024, 50304},  // 124M, GPT-2 small with the padded vocab
 };
 }  // namespace
@@ -184,8 +185,9 @@ struct CheckpointedBlock : public torch::autograd::Function<CheckpointedBlock> {
     torch::Tensor y;
     {
       torch::AutoGradMode grad_on(true);
-      AutocastScope autocast(x.device().type(), ctx->saved_data["autocast"].toBool(),
-                             static_cast<c10::ScalarType>(ctx->saved_data["autocast_dtype"].toInt()));
+      AutocastScope autocast(
+          x.device().type(), ctx->saved_data["autocast"].toBool(),
+          static_cast<c10::ScalarType>(ctx->saved_data["autocast_dtype"].toInt()));
       y = block->forward(x);
     }
     gen.set_state(outer_rng);
@@ -203,8 +205,8 @@ GptModel::GptModel(const GptConfig& cfg, bool checkpointing)
   wpe_ = register_module("wpe", torch::nn::Embedding(cfg_.seq_len, C));
   drop_ = register_module("drop", torch::nn::Dropout(cfg_.dropout));
   for (int64_t i = 0; i < cfg_.n_layer; ++i)
-    blocks_.push_back(register_module("block" + std::to_string(i),
-                                      Block(C, cfg_.n_head, cfg_.dropout)));
+    blocks_.push_back(
+        register_module("block" + std::to_string(i), Block(C, cfg_.n_head, cfg_.dropout)));
   ln_f_ = register_module("ln_f", torch::nn::LayerNorm(torch::nn::LayerNormOptions({C})));
 
   // GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer) so the
@@ -228,7 +230,7 @@ GptModel::GptModel(const GptConfig& cfg, bool checkpointing)
 torch::Tensor GptModel::forward(const torch::Tensor& idx) {
   const int64_t T = idx.size(1);
   TORCH_CHECK(T <= cfg_.seq_len, "sequence of ", T, " tokens exceeds the context ", cfg_.seq_len);
-  auto pos = torch::arange(T, idx.options());                      // [T]
+  auto pos = torch::arange(T, idx.options());                        // [T]
   auto x = drop_->forward(wte_->forward(idx) + wpe_->forward(pos));  // [B, T, C]
   for (auto& block : blocks_)
     x = checkpointing_ && is_training() && torch::GradMode::is_enabled()

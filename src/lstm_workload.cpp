@@ -32,7 +32,8 @@ LstmConfig load_lstm_config(const std::string& preset) {
     c.hidden = 1024;
     c.layers = 3;
   } else {
-    throw UsageError("unknown model '" + preset + "': LSTM presets are lstm-small, lstm-medium, "
+    throw UsageError("unknown model '" + preset +
+                     "': LSTM presets are lstm-small, lstm-medium, "
                      "lstm-large");
   }
   c.validate();
@@ -52,9 +53,9 @@ class LstmRegressor : public TrainableModel {
  public:
   explicit LstmRegressor(const LstmConfig& c) {
     lstm_ = register_module(
-        "lstm", torch::nn::LSTM(torch::nn::LSTMOptions(c.channels, c.hidden)
-                                    .num_layers(c.layers)
-                                    .batch_first(true)));
+        "lstm",
+        torch::nn::LSTM(
+            torch::nn::LSTMOptions(c.channels, c.hidden).num_layers(c.layers).batch_first(true)));
     head_ = register_module("head", torch::nn::Linear(c.hidden, c.outputs));
   }
   torch::Tensor loss(const Batch& b) override {
@@ -115,7 +116,8 @@ Batch LstmWorkload::windows(uint64_t stream, int64_t first, int64_t count, const
   // Signal: velocities mixed into channels, plus a little deterministic noise.
   auto velocity = torch::cat({torch::zeros({count, 1, K}), angles.diff(1, 1)}, 1) * 10.0;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(mix(seed_ ^ stream ^ (first * 7919)));
-  auto signal = torch::matmul(velocity, mixing_) + 0.05 * torch::randn({count, T, config_.channels}, gen);
+  auto signal =
+      torch::matmul(velocity, mixing_) + 0.05 * torch::randn({count, T, config_.channels}, gen);
   return {signal.to(device), angles.to(device)};
 }
 
@@ -136,7 +138,8 @@ EstimateTerms LstmWorkload::estimate_terms(const Plan& plan) const {
   const double bytes = plan.precision == Precision::fp32 ? 4 : 2;
   EstimateTerms e;
   const double h4 = 4 * Hd;
-  e.n_params = static_cast<int64_t>(h4 * (C + Hd + 2) + (L - 1) * h4 * (Hd + Hd + 2) + K * (Hd + 1));
+  e.n_params =
+      static_cast<int64_t>(h4 * (C + Hd + 2) + (L - 1) * h4 * (Hd + Hd + 2) + K * (Hd + 1));
   // Per layer and time step the LSTM keeps its 4 gates, cell and hidden state for backward
   // (6H values), plus the layer's input.
   e.terms.push_back({"activations", B * T * L * (6 * Hd + Hd) * bytes});
@@ -145,7 +148,8 @@ EstimateTerms LstmWorkload::estimate_terms(const Plan& plan) const {
   // Backward through time keeps the gate gradients of one layer ([B, T, 4H]) beside the saved
   // tensors of the layer below.
   e.backward_tail_bytes = B * T * (6 * Hd + Hd) * bytes + B * T * 4 * Hd * 4;
-  if (plan.precision != Precision::fp32) e.weight_copy_bytes = 2.0 * static_cast<double>(e.n_params);
+  if (plan.precision != Precision::fp32)
+    e.weight_copy_bytes = 2.0 * static_cast<double>(e.n_params);
   return e;
 }
 

@@ -2,4 +2,6 @@
 // train with it, and keep the plan as a reusable profile. All logic lives in the core library.
 #include "autotune/cli.h"
 
-int main(int argc, char** argv) { return autotune::cli_main(argc, argv); }
+int main(int argc, char** argv) {
+  return autotune::cli_main(argc, argv);
+}

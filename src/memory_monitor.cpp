@@ -11,17 +11,24 @@ MemoryMonitor::MemoryMonitor(MemoryMeter& meter, MemoryMonitorOptions options)
   if (!opt_.timeline_path.empty()) {
     timeline_.open(opt_.timeline_path, std::ios::app);
     if (!timeline_)
-      spdlog::warn("cannot write the memory timeline {}; going on without it",
-                   opt_.timeline_path);
+      spdlog::warn("cannot write the memory timeline {}; going on without it", opt_.timeline_path);
   }
 }
 
-void MemoryMonitor::on_phase_begin(Phase) { meter_.reset_peaks(); }
+void MemoryMonitor::on_phase_begin(Phase) {
+  meter_.reset_peaks();
+  tensor_at_begin_ = meter_.sample().tensor_bytes;
+}
 
 void MemoryMonitor::on_phase_end(Phase phase, int64_t step) {
   const MemorySample s = meter_.sample();
-  PhasePeak p{step, phase, meter_.budget_figure_peak(s), s.peak_tensor_bytes,
-              s.device_peak_allocated_bytes, s.peak_rss_bytes};
+  PhasePeak p{step,
+              phase,
+              meter_.budget_figure_peak(s),
+              s.peak_tensor_bytes,
+              s.peak_tensor_bytes - std::min(s.peak_tensor_bytes, tensor_at_begin_),
+              s.device_peak_allocated_bytes,
+              s.peak_rss_bytes};
   auto& agg = by_phase_[phase];
   agg.phase = phase;
   if (p.budget_bytes > agg.budget_bytes) agg.step = step;
@@ -45,13 +52,14 @@ void MemoryMonitor::on_phase_end(Phase phase, int64_t step) {
 
 void MemoryMonitor::check_thresholds(const MemorySample& s, uint64_t budget_figure) {
   if (warned_) return;
-  if (opt_.budget_bytes &&
-      static_cast<double>(budget_figure) > opt_.warn_fraction * static_cast<double>(*opt_.budget_bytes)) {
+  if (opt_.budget_bytes && static_cast<double>(budget_figure) >
+                               opt_.warn_fraction * static_cast<double>(*opt_.budget_bytes)) {
     warned_ = true;
-    spdlog::warn("memory at {:.0f}% of the budget ({} of {}): a longer batch may not fit; lower "
-                 "--micro-batch, use --precision bf16 or --checkpointing on, or raise --budget",
-                 100.0 * static_cast<double>(budget_figure) / static_cast<double>(*opt_.budget_bytes),
-                 format_bytes(budget_figure), format_bytes(*opt_.budget_bytes));
+    spdlog::warn(
+        "memory at {:.0f}% of the budget ({} of {}): a longer batch may not fit; lower "
+        "--micro-batch, use --precision bf16 or --checkpointing on, or raise --budget",
+        100.0 * static_cast<double>(budget_figure) / static_cast<double>(*opt_.budget_bytes),
+        format_bytes(budget_figure), format_bytes(*opt_.budget_bytes));
     return;
   }
   const SystemMemory sys = read_system_memory();
@@ -59,10 +67,11 @@ void MemoryMonitor::check_thresholds(const MemorySample& s, uint64_t budget_figu
   if (total > 0 && static_cast<double>(total - std::min(total, avail)) >
                        opt_.warn_fraction * static_cast<double>(total)) {
     warned_ = true;
-    spdlog::warn("system memory at {:.0f}% ({} available of {}): other processes or this run may "
-                 "be killed; close other programs or give autotune a smaller --budget",
-                 100.0 * static_cast<double>(total - avail) / static_cast<double>(total),
-                 format_bytes(avail), format_bytes(total));
+    spdlog::warn(
+        "system memory at {:.0f}% ({} available of {}): other processes or this run may "
+        "be killed; close other programs or give autotune a smaller --budget",
+        100.0 * static_cast<double>(total - avail) / static_cast<double>(total),
+        format_bytes(avail), format_bytes(total));
   }
 }
 
@@ -74,10 +83,10 @@ void MemoryMonitor::on_step(const StepStats& st) {
   const uint64_t used = total - std::min(total, sys.effective_available_bytes());
   std::string budget = "-";
   if (opt_.budget_bytes)
-    budget = fmt::format("{:.0f}% of {}",
-                         100.0 * static_cast<double>(peak_.budget_bytes) /
-                             static_cast<double>(*opt_.budget_bytes),
-                         format_bytes(*opt_.budget_bytes));
+    budget = fmt::format(
+        "{:.0f}% of {}",
+        100.0 * static_cast<double>(peak_.budget_bytes) / static_cast<double>(*opt_.budget_bytes),
+        format_bytes(*opt_.budget_bytes));
   spdlog::info("mem   step {:>5} | rss {} | system {}/{} | device {}/{} | peak {} ({})", st.step,
                format_bytes(s.rss_bytes), format_bytes(used), format_bytes(total),
                format_bytes(s.device_allocated_bytes), format_bytes(s.device_reserved_bytes),
@@ -86,8 +95,8 @@ void MemoryMonitor::on_step(const StepStats& st) {
 
 void MemoryMonitor::on_end(const RunSummary&) {
   if (peak_.budget_bytes == 0 || !opt_.log_summary) return;
-  spdlog::info("memory peak {} at step {} ({}){}", format_bytes(peak_.budget_bytes),
-               peak_.step + 1, to_string(peak_.phase),
+  spdlog::info("memory peak {} at step {} ({}){}", format_bytes(peak_.budget_bytes), peak_.step + 1,
+               to_string(peak_.phase),
                opt_.budget_bytes ? fmt::format(", {:.1f}% of the budget {}",
                                                100.0 * static_cast<double>(peak_.budget_bytes) /
                                                    static_cast<double>(*opt_.budget_bytes),
@@ -108,14 +117,17 @@ nlohmann::json MemoryMonitor::to_json() const {
     device = std::max(device, p.device_bytes);
     rss = std::max(rss, p.rss_bytes);
   }
-  return {{"peak_bytes", peak_.budget_bytes},
-          {"peak_step", peak_.step + 1},
-          {"peak_phase", to_string(peak_.phase)},
-          {"phases", phases},
-          {"host", {{"peak_tensor_bytes", tensor}, {"peak_rss_bytes", rss},
-                    {"baseline_bytes", meter_.baseline_bytes()}}},
-          {"device", {{"peak_allocated_bytes", device}}},
-          {"budget_bytes", opt_.budget_bytes ? nlohmann::json(*opt_.budget_bytes) : nlohmann::json()}};
+  return {
+      {"peak_bytes", peak_.budget_bytes},
+      {"peak_step", peak_.step + 1},
+      {"peak_phase", to_string(peak_.phase)},
+      {"phases", phases},
+      {"host",
+       {{"peak_tensor_bytes", tensor},
+        {"peak_rss_bytes", rss},
+        {"baseline_bytes", meter_.baseline_bytes()}}},
+      {"device", {{"peak_allocated_bytes", device}}},
+      {"budget_bytes", opt_.budget_bytes ? nlohmann::json(*opt_.budget_bytes) : nlohmann::json()}};
 }
 
 }  // namespace autotune

@@ -8,9 +8,12 @@ namespace autotune {
 
 std::string to_string(Precision p) {
   switch (p) {
-    case Precision::fp32: return "fp32";
-    case Precision::bf16: return "bf16";
-    case Precision::fp16: return "fp16";
+    case Precision::fp32:
+      return "fp32";
+    case Precision::bf16:
+      return "bf16";
+    case Precision::fp16:
+      return "fp16";
   }
   return "?";
 }
@@ -24,23 +27,26 @@ Precision parse_precision(const std::string& s) {
 
 std::string Plan::describe() const {
   std::ostringstream o;
-  o << "micro_batch=" << micro_batch << " grad_accum=" << grad_accum << " "
-    << to_string(precision) << " checkpointing=" << (checkpointing ? "on" : "off");
+  o << "micro_batch=" << micro_batch << " grad_accum=" << grad_accum << " " << to_string(precision)
+    << " checkpointing=" << (checkpointing ? "on" : "off");
   if (seq_len) o << " seq_len=" << seq_len;
   if (d_model) o << " d_model=" << d_model;
   return o.str();
 }
 
 bool Plan::operator==(const Plan& o) const {
-  return micro_batch == o.micro_batch && grad_accum == o.grad_accum &&
-         precision == o.precision && checkpointing == o.checkpointing && seq_len == o.seq_len &&
-         d_model == o.d_model && eval_batch == o.eval_batch;
+  return micro_batch == o.micro_batch && grad_accum == o.grad_accum && precision == o.precision &&
+         checkpointing == o.checkpointing && seq_len == o.seq_len && d_model == o.d_model &&
+         eval_batch == o.eval_batch;
 }
 
 void to_json(nlohmann::json& j, const Plan& p) {
-  j = nlohmann::json{{"micro_batch", p.micro_batch},   {"grad_accum", p.grad_accum},
-                     {"precision", to_string(p.precision)}, {"checkpointing", p.checkpointing},
-                     {"seq_len", p.seq_len},           {"d_model", p.d_model},
+  j = nlohmann::json{{"micro_batch", p.micro_batch},
+                     {"grad_accum", p.grad_accum},
+                     {"precision", to_string(p.precision)},
+                     {"checkpointing", p.checkpointing},
+                     {"seq_len", p.seq_len},
+                     {"d_model", p.d_model},
                      {"eval_batch", p.eval_batch}};
 }
 

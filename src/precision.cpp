@@ -59,7 +59,9 @@ bool LossScaler::unscale_and_check(const std::vector<torch::Tensor>& params) {
   return found_inf.item<float>() == 0.0f;
 }
 
-double LossScaler::scale() const { return enabled_ ? scale_.item<double>() : 1.0; }
+double LossScaler::scale() const {
+  return enabled_ ? scale_.item<double>() : 1.0;
+}
 
 torch::Tensor LossScaler::state() const {
   return torch::stack({scale_.cpu().to(torch::kFloat64).squeeze(),

@@ -14,9 +14,10 @@ Preset preset_from_json(const nlohmann::json& j, const std::string& origin) {
   };
   if (!j.is_object()) throw UsageError("preset " + origin + ": expected a JSON object");
   static const std::set<std::string> known = {
-      "schema",     "kind",          "name",          "description",     "mode",
-      "start",      "max_micro_batch", "precisions",  "checkpointing",   "eval_batch",
-      "margin_percent", "monitor_every_steps"};
+      "schema",          "kind",           "name",
+      "description",     "mode",           "start",
+      "max_micro_batch", "precisions",     "checkpointing",
+      "eval_batch",      "margin_percent", "monitor_every_steps"};
   for (auto it = j.begin(); it != j.end(); ++it)
     if (!known.count(it.key())) throw bad(it.key(), "is unknown");
   if (!j.contains("schema") || !j["schema"].is_number_integer() || j["schema"].get<int>() != 1)
@@ -37,11 +38,16 @@ Preset preset_from_json(const nlohmann::json& j, const std::string& origin) {
   p.name = str("name");
   p.description = j.contains("description") ? str("description") : "";
   const std::string mode = str("mode");
-  if (mode == "auto") p.mode = Mode::auto_;
-  else if (mode == "normal") p.mode = Mode::normal;
-  else if (mode == "low") p.mode = Mode::low;
-  else if (mode == "ultra-low") p.mode = Mode::ultra_low;
-  else throw bad("mode", "must be auto, normal, low or ultra-low");
+  if (mode == "auto")
+    p.mode = Mode::auto_;
+  else if (mode == "normal")
+    p.mode = Mode::normal;
+  else if (mode == "low")
+    p.mode = Mode::low;
+  else if (mode == "ultra-low")
+    p.mode = Mode::ultra_low;
+  else
+    throw bad("mode", "must be auto, normal, low or ultra-low");
   const std::string start = str("start");
   if (start != "small" && start != "estimate") throw bad("start", "must be small or estimate");
   p.start_small = start == "small";
@@ -63,7 +69,8 @@ Preset preset_from_json(const nlohmann::json& j, const std::string& origin) {
   if (!j.contains("margin_percent") || !j["margin_percent"].is_number())
     throw bad("margin_percent", "must be a number");
   p.margin_percent = j["margin_percent"].get<double>();
-  if (!(p.margin_percent >= 0 && p.margin_percent < 50)) throw bad("margin_percent", "must be in [0, 50)");
+  if (!(p.margin_percent >= 0 && p.margin_percent < 50))
+    throw bad("margin_percent", "must be in [0, 50)");
   p.monitor_every_steps = integer("monitor_every_steps", 0, 1 << 20);
   return p;
 }
@@ -83,7 +90,8 @@ Preset load_preset(const std::string& name_or_path, const std::string& dir) {
 void apply_preset(const Preset& p, RunSpec& spec, bool margin_given, bool mode_given) {
   if (!mode_given) spec.mode = p.mode;
   if (!margin_given) spec.margin_text = std::to_string(p.margin_percent) + "%";
-  if (!spec.checkpointing && p.checkpointing != "auto") spec.checkpointing = p.checkpointing == "on";
+  if (!spec.checkpointing && p.checkpointing != "auto")
+    spec.checkpointing = p.checkpointing == "on";
   if (!spec.precision && p.precisions.size() == 1) spec.precision = p.precisions.front();
   if (!spec.eval_batch && p.eval_batch > 0) spec.eval_batch = p.eval_batch;
   spec.preset_start_small = p.start_small;

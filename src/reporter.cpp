@@ -42,11 +42,12 @@ void ConsoleReporter::on_step(const StepStats& s) {
   tokens_ += s.tokens_per_s * s.step_ms / 1e3;
   if (log_every_ <= 0 || (s.step % log_every_ != 0 && s.step != s.steps && s.step != 1)) return;
   const double per_step = elapsed_s_ / static_cast<double>(s.step - first_step_);
-  spdlog::info("step {:>5}/{} | loss {:.4f} | lr {:.2e} | norm {:.2f} | {:.0f} ms | {:.0f} tok/s | "
-               "ETA {}{}",
-               s.step, s.steps, s.loss, s.lr, s.grad_norm, s.step_ms, tokens_ / elapsed_s_,
-               duration(per_step * static_cast<double>(s.steps - s.step)),
-               s.skipped ? " | fp16 overflow: step skipped" : "");
+  spdlog::info(
+      "step {:>5}/{} | loss {:.4f} | lr {:.2e} | norm {:.2f} | {:.0f} ms | {:.0f} tok/s | "
+      "ETA {}{}",
+      s.step, s.steps, s.loss, s.lr, s.grad_norm, s.step_ms, tokens_ / elapsed_s_,
+      duration(per_step * static_cast<double>(s.steps - s.step)),
+      s.skipped ? " | fp16 overflow: step skipped" : "");
 }
 
 void ConsoleReporter::on_eval(int64_t step, double val_loss) {

@@ -24,8 +24,9 @@ std::atomic<int> g_stop_signal{0};
 void on_signal(int sig) {
   // A second signal means "now": exit without the checkpoint.
   if (g_stop_signal.exchange(sig) != 0) _exit(128 + sig);
-  const char msg[] = "\nautotune: stopping after this step and writing a checkpoint "
-                     "(signal again to exit at once)\n";
+  const char msg[] =
+      "\nautotune: stopping after this step and writing a checkpoint "
+      "(signal again to exit at once)\n";
   ssize_t ignored = write(2, msg, sizeof msg - 1);
   (void)ignored;
 }
@@ -39,7 +40,9 @@ void install_signal_handlers() {
   sigaction(SIGTERM, &sa, nullptr);
 }
 
-const std::atomic<int>& RunContext::stop_signal() { return g_stop_signal; }
+const std::atomic<int>& RunContext::stop_signal() {
+  return g_stop_signal;
+}
 
 RunContext::RunContext(const RunSpec& spec) : spec_(spec), device_(resolve_device(spec.device)) {
   if (!spec_.preset.empty()) {
@@ -179,8 +182,7 @@ RunSummary RunContext::train(const Plan& plan) {
   RunSummary s = autotune::train(*workload_, plan, train_options(), observers);
   if (s.stop_signal)
     spdlog::warn("stopped by signal {} at step {}; continue with the same command plus --resume{}",
-                 s.stop_signal, s.steps_done,
-                 spec_.resume ? "" : " --run-dir " + spec_.run_dir);
+                 s.stop_signal, s.steps_done, spec_.resume ? "" : " --run-dir " + spec_.run_dir);
   return s;
 }
 
@@ -191,23 +193,27 @@ nlohmann::json RunContext::summary_json(const RunSummary& s) const {
   plan["checkpointing"] = s.plan.checkpointing;
   nlohmann::json recoveries = nlohmann::json::array();
   for (const auto& r : s.recoveries)
-    recoveries.push_back({{"step", r.step + 1}, {"phase", to_string(r.phase)},
-                          {"before", r.before}, {"after", r.after}, {"eval_only", r.eval_only}});
-  return {{"plan", plan},
-          {"budget_bytes", budget_bytes_ ? nlohmann::json(*budget_bytes_) : nlohmann::json()},
-          {"memory", monitor_ ? monitor_->to_json() : nlohmann::json::object()},
-          {"tokens_per_s", s.tokens_per_s},
-          {"steps", s.steps_done},
-          {"first_step", s.first_step},
-          {"final_loss", std::isnan(s.final_loss) ? nlohmann::json() : nlohmann::json(s.final_loss)},
-          {"val_loss", std::isnan(s.val_loss) ? nlohmann::json() : nlohmann::json(s.val_loss)},
-          {"wall_s", s.wall_s},
-          {"trials", nlohmann::json::array()},
-          {"profile", nullptr},
-          {"reused_profile", false},
-          {"oom_recoveries", s.recoveries.size()},
-          {"recoveries", recoveries},
-          {"checkpoint", s.last_checkpoint}};
+    recoveries.push_back({{"step", r.step + 1},
+                          {"phase", to_string(r.phase)},
+                          {"before", r.before},
+                          {"after", r.after},
+                          {"eval_only", r.eval_only}});
+  return {
+      {"plan", plan},
+      {"budget_bytes", budget_bytes_ ? nlohmann::json(*budget_bytes_) : nlohmann::json()},
+      {"memory", monitor_ ? monitor_->to_json() : nlohmann::json::object()},
+      {"tokens_per_s", s.tokens_per_s},
+      {"steps", s.steps_done},
+      {"first_step", s.first_step},
+      {"final_loss", std::isnan(s.final_loss) ? nlohmann::json() : nlohmann::json(s.final_loss)},
+      {"val_loss", std::isnan(s.val_loss) ? nlohmann::json() : nlohmann::json(s.val_loss)},
+      {"wall_s", s.wall_s},
+      {"trials", nlohmann::json::array()},
+      {"profile", nullptr},
+      {"reused_profile", false},
+      {"oom_recoveries", s.recoveries.size()},
+      {"recoveries", recoveries},
+      {"checkpoint", s.last_checkpoint}};
 }
 
 int RunContext::exit_code(const RunSummary& s) const {

@@ -8,10 +8,14 @@ namespace autotune {
 
 std::string to_string(Mode m) {
   switch (m) {
-    case Mode::auto_: return "auto";
-    case Mode::normal: return "normal";
-    case Mode::low: return "low";
-    case Mode::ultra_low: return "ultra-low";
+    case Mode::auto_:
+      return "auto";
+    case Mode::normal:
+      return "normal";
+    case Mode::low:
+      return "low";
+    case Mode::ultra_low:
+      return "ultra-low";
   }
   return "?";
 }

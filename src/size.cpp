@@ -41,11 +41,9 @@ uint64_t parse_size(const std::string& text, std::optional<uint64_t> total_bytes
       double mult;
     };
     static const Unit units[] = {
-        {"", 1},           {"B", 1},
-        {"K", 0x1p10},     {"KIB", 0x1p10}, {"KB", 1e3},
-        {"M", 0x1p20},     {"MIB", 0x1p20}, {"MB", 1e6},
-        {"G", 0x1p30},     {"GIB", 0x1p30}, {"GB", 1e9},
-        {"T", 0x1p40},     {"TIB", 0x1p40}, {"TB", 1e12},
+        {"", 1},       {"B", 1},        {"K", 0x1p10},   {"KIB", 0x1p10}, {"KB", 1e3},
+        {"M", 0x1p20}, {"MIB", 0x1p20}, {"MB", 1e6},     {"G", 0x1p30},   {"GIB", 0x1p30},
+        {"GB", 1e9},   {"T", 0x1p40},   {"TIB", 0x1p40}, {"TB", 1e12},
     };
     for (const auto& u : units)
       if (unit == u.name) mult = u.mult;

@@ -15,17 +15,21 @@ namespace autotune {
 
 const char* to_string(Phase p) {
   switch (p) {
-    case Phase::forward: return "forward";
-    case Phase::backward: return "backward";
-    case Phase::optimizer: return "optimizer";
-    case Phase::eval: return "eval";
+    case Phase::forward:
+      return "forward";
+    case Phase::backward:
+      return "backward";
+    case Phase::optimizer:
+      return "optimizer";
+    case Phase::eval:
+      return "eval";
   }
   return "?";
 }
 
 double learning_rate(const TrainOptions& opt, int64_t step) {
-  const int64_t warmup = opt.warmup_steps >= 0 ? opt.warmup_steps
-                                               : std::min<int64_t>(100, opt.steps / 10);
+  const int64_t warmup =
+      opt.warmup_steps >= 0 ? opt.warmup_steps : std::min<int64_t>(100, opt.steps / 10);
   if (step < warmup) return opt.lr * static_cast<double>(step + 1) / static_cast<double>(warmup);
   const double span = static_cast<double>(std::max<int64_t>(1, opt.steps - warmup));
   const double progress = std::min(1.0, static_cast<double>(step - warmup) / span);
@@ -205,8 +209,8 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
         // Micro-batch m holds samples [m*mb, (m+1)*mb) of this step's global batch. (Fetching
         // it counts as the forward: a prefetch that ran out of memory surfaces here.)
         phase = Phase::forward;
-        Batch batch = workload.train_batch(step, m * plan.micro_batch, plan.micro_batch, plan,
-                                           opt.device);
+        Batch batch =
+            workload.train_batch(step, m * plan.micro_batch, plan.micro_batch, plan, opt.device);
         notify([&](TrainObserver& o) { o.on_phase_begin(phase); });
         torch::Tensor loss;
         {
@@ -230,30 +234,37 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
       const bool finite = scaler.unscale_and_check(params);
       double grad_norm = 0;
       if (finite) {
-        grad_norm = opt.grad_clip > 0
-                        ? torch::nn::utils::clip_grad_norm_(params, opt.grad_clip)
-                        : 0.0;
+        grad_norm =
+            opt.grad_clip > 0 ? torch::nn::utils::clip_grad_norm_(params, opt.grad_clip) : 0.0;
         optimizer.step();
       }
       notify([&](TrainObserver& o) { o.on_phase_end(phase, step); });
       synchronize(opt.device);
       ++step;
 
-      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const double dt =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       train_seconds += dt;
       summary.tokens += tokens_per_step;
       summary.final_loss = loss_sum;
-      StepStats s{step, opt.steps, loss_sum, lr, grad_norm, dt * 1e3,
-                  static_cast<double>(tokens_per_step) / dt, !finite, plan};
+      StepStats s{step,
+                  opt.steps,
+                  loss_sum,
+                  lr,
+                  grad_norm,
+                  dt * 1e3,
+                  static_cast<double>(tokens_per_step) / dt,
+                  !finite,
+                  plan};
       notify([&](TrainObserver& o) { o.on_step(s); });
     } catch (const c10::OutOfMemoryError& e) {
       // Drop the partial gradients, release memory, step down the ladder and re-run this same
       // step on the same samples: no step and no sample is lost.
       optimizer.zero_grad(/*set_to_none=*/true);
       if (opt.device.type() != c10::DeviceType::CPU) at::accelerator::emptyCache();
+      if (!opt.recover_oom) throw;  // probe trials: the caller records the OOM by its type
       Plan next;
-      if (!opt.recover_oom || !next_plan_after_oom(plan, can_checkpoint,
-                                                   opt.allow_precision_change, &next))
+      if (!next_plan_after_oom(plan, can_checkpoint, opt.allow_precision_change, &next))
         throw RuntimeError("out of memory at step " + std::to_string(step + 1) + " (" +
                            to_string(phase) + ") with plan " + plan.describe() +
                            " and nothing left to step down to; give a larger budget or a "
@@ -281,7 +292,8 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
   if (step > summary.first_step || summary.stop_signal) checkpoint();
   summary.plan = plan;
   summary.steps_done = step;
-  summary.tokens_per_s = train_seconds > 0 ? static_cast<double>(summary.tokens) / train_seconds : 0;
+  summary.tokens_per_s =
+      train_seconds > 0 ? static_cast<double>(summary.tokens) / train_seconds : 0;
   summary.wall_s =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
   notify([&](TrainObserver& o) { o.on_end(summary); });

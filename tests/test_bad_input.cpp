@@ -67,8 +67,8 @@ std::vector<Case> cases() {
     return a;
   };
   auto probe = [&](const std::string& budget) {
-    return std::vector<std::string>{"probe", "--model", "gpt-tiny", "--data", data, "--budget",
-                                    budget, "--profile-dir", d + "/store"};
+    return std::vector<std::string>{"probe",    "--model", "gpt-tiny",      "--data",    data,
+                                    "--budget", budget,    "--profile-dir", d + "/store"};
   };
   return {
       {"budget 10X", probe("10X"), 2, "unknown unit"},
@@ -90,11 +90,17 @@ std::vector<Case> cases() {
       {"token file truncated", train({"--data", d + "/truncated.tok"}), 2, "prepare-data"},
       {"token file shorter than a window", train({"--data", d + "/short.tok"}), 2, "seq_len"},
       {"seq_len beyond the data", train({"--seq-len", "100000000"}), 2, "seq_len"},
-      {"preset garbage", {"probe", "--data", data, "--budget", "1G", "--preset",
-                          d + "/preset-garbage.json"}, 2, "not valid JSON"},
-      {"preset bad field", {"probe", "--data", data, "--budget", "1G", "--preset",
-                            d + "/preset-field.json"}, 2, "'mode'"},
-      {"unknown preset", {"probe", "--data", data, "--budget", "1G", "--preset", "turbo"}, 2,
+      {"preset garbage",
+       {"probe", "--data", data, "--budget", "1G", "--preset", d + "/preset-garbage.json"},
+       2,
+       "not valid JSON"},
+      {"preset bad field",
+       {"probe", "--data", data, "--budget", "1G", "--preset", d + "/preset-field.json"},
+       2,
+       "'mode'"},
+      {"unknown preset",
+       {"probe", "--data", data, "--budget", "1G", "--preset", "turbo"},
+       2,
        "turbo"},
       {"run dir unwritable", train({"--run-dir", d + "/file/run"}), 2, "--run-dir"},
       {"profile dir unwritable, save required",
@@ -118,7 +124,9 @@ std::vector<Case> cases() {
        2, "not both"},
       {"negative steps", train({"--steps", "-3"}), 2, "--steps"},
       {"bad --search",
-       {"probe", "--data", data, "--budget", "1G", "--search", "random"}, 2, "--search"},
+       {"probe", "--data", data, "--budget", "1G", "--search", "random"},
+       2,
+       "--search"},
   };
 }
 }  // namespace

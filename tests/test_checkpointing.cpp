@@ -48,9 +48,13 @@ void expect_same(const Result& a, const Result& b, double tol) {
 }
 }  // namespace
 
-TEST(Checkpointing, SameLossAndGradients) { expect_same(run(false, 0.0), run(true, 0.0), 1e-5); }
+TEST(Checkpointing, SameLossAndGradients) {
+  expect_same(run(false, 0.0), run(true, 0.0), 1e-5);
+}
 
-TEST(Checkpointing, SameWithDropout) { expect_same(run(false, 0.2), run(true, 0.2), 1e-5); }
+TEST(Checkpointing, SameWithDropout) {
+  expect_same(run(false, 0.2), run(true, 0.2), 1e-5);
+}
 
 TEST(Checkpointing, DropoutReallyActs) {
   // Guards the test above: with dropout the loss differs from the no-dropout loss.

@@ -26,7 +26,9 @@ void expect_usage_error(const std::vector<std::string>& args, const std::string&
 }
 }  // namespace
 
-TEST(Cli, UnknownFlag) { expect_usage_error({"train", "--bogus-flag", "3"}, "bogus-flag"); }
+TEST(Cli, UnknownFlag) {
+  expect_usage_error({"train", "--bogus-flag", "3"}, "bogus-flag");
+}
 
 TEST(Cli, MalformedValue) {
   expect_usage_error({"train", "--steps", "many"}, "steps");
@@ -41,20 +43,19 @@ TEST(Cli, MissingDataFile) {
 
 TEST(Cli, UnknownCommandAndModel) {
   expect_usage_error({"frobnicate"}, "frobnicate");
-  expect_usage_error({"train", "--model", "gpt-huge", "--data", tu::corpus_path()},
-                     "gpt-huge");
+  expect_usage_error({"train", "--model", "gpt-huge", "--data", tu::corpus_path()}, "gpt-huge");
 }
 
 TEST(Cli, MicroBatchMustDivideGlobalBatch) {
-  expect_usage_error({"train", "--data", tu::corpus_path(), "--global-batch", "10",
-                      "--micro-batch", "4"},
-                     "not reachable");
+  expect_usage_error(
+      {"train", "--data", tu::corpus_path(), "--global-batch", "10", "--micro-batch", "4"},
+      "not reachable");
 }
 
 TEST(Cli, TrainPrintsJsonSummary) {
-  auto r = run_autotune({"train", "--model", "gpt-tiny", "--data",
-                         tu::corpus_path(), "--global-batch", "8", "--micro-batch",
-                         "4", "--steps", "5", "--eval-sequences", "8", "--json"});
+  auto r =
+      run_autotune({"train", "--model", "gpt-tiny", "--data", tu::corpus_path(), "--global-batch",
+                    "8", "--micro-batch", "4", "--steps", "5", "--eval-sequences", "8", "--json"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   auto j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j.at("steps").get<int>(), 5);

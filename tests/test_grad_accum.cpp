@@ -49,7 +49,8 @@ TEST(GradAccum, MicroBatchesEqualOneBigBatch) {
     p.micro_batch = b;
     p.grad_accum = k;
     for (int64_t m = 0; m < k; ++m)
-      (model->loss(w->train_batch(3, m * b, b, p, torch::kCPU)) / static_cast<double>(k)).backward();
+      (model->loss(w->train_batch(3, m * b, b, p, torch::kCPU)) / static_cast<double>(k))
+          .backward();
     double err = max_rel_error(reference, grads_of(*model));
     std::printf("grad_accum=%lld micro_batch=%lld: max relative gradient error %.2e\n",
                 static_cast<long long>(k), static_cast<long long>(b), err);

@@ -3,10 +3,10 @@
 // the budget figure crosses 90%, and the timeline file records every phase.
 #include <gtest/gtest.h>
 
-#include <fstream>
-#include <nlohmann/json.hpp>
 #include <spdlog/sinks/ostream_sink.h>
 #include <spdlog/spdlog.h>
+#include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "autotune/gpt_workload.h"
 #include "autotune/memory.h"
@@ -40,20 +40,31 @@ uint64_t tensor_peak(const std::vector<PhasePeak>& h, int64_t step, Phase phase)
     if (p.step == step && p.phase == phase) v = std::max(v, p.tensor_bytes);
   return v;
 }
+
+// Bytes allocated during the phase on top of what existed when it began.
+uint64_t tensor_growth(const std::vector<PhasePeak>& h, int64_t step, Phase phase) {
+  uint64_t v = 0;
+  for (const auto& p : h)
+    if (p.step == step && p.phase == phase) v = std::max(v, p.tensor_growth_bytes);
+  return v;
+}
 }  // namespace
 
 TEST(PhasePeaks, FirstOptimizerStepCreatesAdamWState) {
   MemoryMeter meter(torch::kCPU);
   auto h = run_history(false, meter);
-  const uint64_t opt1 = tensor_peak(h, 0, Phase::optimizer), opt2 = tensor_peak(h, 1, Phase::optimizer);
-  std::printf("optimizer phase peak: step 1 %llu B, step 2 %llu B\n",
+  // The absolute peaks of both optimizer phases hold params + grads + AdamW states; what differs
+  // is what the phase itself allocates: the states, in step 1 only.
+  const uint64_t opt1 = tensor_growth(h, 0, Phase::optimizer),
+                 opt2 = tensor_growth(h, 1, Phase::optimizer);
+  std::printf("optimizer phase allocation: step 1 %llu B, step 2 %llu B\n",
               static_cast<unsigned long long>(opt1), static_cast<unsigned long long>(opt2));
   EXPECT_GT(opt1, opt2);
   // The difference is at least the AdamW state: two fp32 copies of the ~0.12M parameters.
   EXPECT_GT(opt1 - opt2, 2 * 4 * 100000u);
   // Every phase was measured.
   for (Phase ph : {Phase::forward, Phase::backward, Phase::optimizer, Phase::eval})
-    EXPECT_GT(tensor_peak(h, ph == Phase::eval ? 1 : 0, ph), 0u) << to_string(ph);
+    EXPECT_GT(tensor_peak(h, ph == Phase::eval ? 2 : 0, ph), 0u) << to_string(ph);
 }
 
 TEST(PhasePeaks, CheckpointingLowersTheBackwardPeak) {

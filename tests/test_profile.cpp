@@ -20,9 +20,9 @@ using tu::run_autotune;
 namespace {
 // A budget comfortably above this binary's baseline: the tuner has room, the run is quick.
 std::vector<std::string> run_args(const std::string& store, const std::string& budget = "1G") {
-  return {"probe",   "--model",        "gpt-tiny", "--data",  tu::corpus_path(),
-          "--budget", budget,          "--global-batch", "8", "--profile-dir", store,
-          "--json"};
+  return {"probe",    "--model", "gpt-tiny",       "--data", tu::corpus_path(),
+          "--budget", budget,    "--global-batch", "8",      "--profile-dir",
+          store,      "--json"};
 }
 
 nlohmann::json probe(const std::vector<std::string>& args, int expect_exit = 0,
@@ -177,8 +177,8 @@ TEST(Mode, SmallMachineSelectsUltraLowAndSaysWhy) {
 
   // Through the binary with substituted figures.
   const std::string store = tu::temp_dir("store-mode");
-  auto r = run_autotune(run_args(store), {"AUTOTUNE_FAKE_MEM_TOTAL=8G",
-                                          "AUTOTUNE_FAKE_MEM_AVAILABLE=6G"});
+  auto r = run_autotune(run_args(store),
+                        {"AUTOTUNE_FAKE_MEM_TOTAL=8G", "AUTOTUNE_FAKE_MEM_AVAILABLE=6G"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(nlohmann::json::parse(r.out).at("mode"), "ultra-low");
   EXPECT_NE(r.err.find("ultra-low-mem: a small machine"), std::string::npos) << r.err;

@@ -41,8 +41,8 @@ std::vector<torch::Tensor> final_params(Workload& w, const Plan& p, const std::s
 double max_rel_diff(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
   double worst = 0;
   for (size_t i = 0; i < a.size(); ++i)
-    worst = std::max(worst, (a[i] - b[i]).norm().item<double>() /
-                                std::max(a[i].norm().item<double>(), 1e-12));
+    worst = std::max(
+        worst, (a[i] - b[i]).norm().item<double>() / std::max(a[i].norm().item<double>(), 1e-12));
   return worst;
 }
 
@@ -89,7 +89,8 @@ TEST_P(OomAtPhase, SameStepsSameBatchSameParameters) {
   EXPECT_EQ(recovered.recoveries[0].after.micro_batch, 4);
   EXPECT_EQ(recovered.recoveries[0].after.grad_accum, 2);
   EXPECT_EQ(recovered.plan.global_batch(), big.global_batch());
-  const double diff = max_rel_diff(final_params(r.w, big, oom_dir), final_params(r.w, small, ref_dir));
+  const double diff =
+      max_rel_diff(final_params(r.w, big, oom_dir), final_params(r.w, small, ref_dir));
   std::printf("OOM at %s: max relative parameter difference to the small-plan run %.2e\n",
               phase.c_str(), diff);
   // Same samples, gradients equal to rounding (~3e-7); AdamW magnifies rounding on near-zero
@@ -145,9 +146,20 @@ TEST(Recovery, CapTighteningMidRunIsSurvived) {
 
 TEST(Recovery, SigtermCheckpointsAndResumeFinishes) {
   const std::string dir = tu::temp_dir("sigterm");
-  std::vector<std::string> args = {"train", "--model", "gpt-tiny", "--data", tu::corpus_path(),
-                                   "--global-batch", "8", "--steps", "400", "--run-dir", dir,
-                                   "--eval-sequences", "4", "--json"};
+  std::vector<std::string> args = {"train",
+                                   "--model",
+                                   "gpt-tiny",
+                                   "--data",
+                                   tu::corpus_path(),
+                                   "--global-batch",
+                                   "8",
+                                   "--steps",
+                                   "400",
+                                   "--run-dir",
+                                   dir,
+                                   "--eval-sequences",
+                                   "4",
+                                   "--json"};
   pid_t pid = fork();
   if (pid == 0) {
     std::vector<char*> argv = {const_cast<char*>(AUTOTUNE_BIN)};
@@ -181,9 +193,21 @@ TEST(Recovery, SigtermCheckpointsAndResumeFinishes) {
 
 TEST(Recovery, KillNineAtRandomMomentsAlwaysResumes) {
   const std::string dir = tu::temp_dir("kill9");
-  std::vector<std::string> args = {"train", "--model", "gpt-tiny", "--data", tu::corpus_path(),
-                                   "--global-batch", "4", "--steps", "100000", "--run-dir", dir,
-                                   "--checkpoint-every", "1", "--eval-sequences", "4"};
+  std::vector<std::string> args = {"train",
+                                   "--model",
+                                   "gpt-tiny",
+                                   "--data",
+                                   tu::corpus_path(),
+                                   "--global-batch",
+                                   "4",
+                                   "--steps",
+                                   "100000",
+                                   "--run-dir",
+                                   dir,
+                                   "--checkpoint-every",
+                                   "1",
+                                   "--eval-sequences",
+                                   "4"};
   std::mt19937 rng(12345);
   int kills = 0;
   int64_t last_step = 0;
@@ -214,8 +238,6 @@ TEST(Recovery, KillNineAtRandomMomentsAlwaysResumes) {
     ASSERT_TRUE(meta) << files.back();
     EXPECT_GE(meta->step, last_step);
     last_step = meta->step;
-    for (auto& e : fs::directory_iterator(dir + "/checkpoints"))
-      EXPECT_EQ(e.path().filename().string().find(".tmp."), std::string::npos) << e.path();
   }
   std::printf("kill -9 rounds: %d killed, newest checkpoint step %lld\n", kills,
               static_cast<long long>(last_step));
@@ -230,4 +252,7 @@ TEST(Recovery, KillNineAtRandomMomentsAlwaysResumes) {
   auto meta = read_checkpoint_meta(list_checkpoints(dir).back());
   ASSERT_TRUE(meta);
   EXPECT_EQ(meta->step, last_step + 3);
+  // A killed writer's temp file may exist until the next checkpoint; then it is cleaned away.
+  for (auto& e : fs::directory_iterator(dir + "/checkpoints"))
+    EXPECT_EQ(e.path().filename().string().find(".tmp."), std::string::npos) << e.path();
 }

@@ -63,8 +63,9 @@ TEST(Resume, StopAndResumeEqualsStraightRun) {
   EXPECT_EQ(second.first_step, 4);
   EXPECT_EQ(second.steps_done, 8);
 
-  auto a = params_of(w, p, tu::temp_dir("unused") + "/../straight-" +
-                               std::to_string(::getpid()) + "/checkpoints/step_00000008.pt");
+  auto a = params_of(w, p,
+                     tu::temp_dir("unused") + "/../straight-" + std::to_string(::getpid()) +
+                         "/checkpoints/step_00000008.pt");
   auto b = params_of(w, p, split + "/checkpoints/step_00000008.pt");
   ASSERT_EQ(a.size(), b.size());
   for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(torch::equal(a[i], b[i])) << "parameter " << i;

@@ -77,7 +77,8 @@ std::string corpus_path() {
   static std::string path = std::string(AUTOTUNE_SOURCE_DIR) + "/data/corpus.tok";
   std::call_once(once, [] {
     if (fs::exists(path)) return;
-    auto r = run_autotune({"prepare-data", "--input", "/usr/share/games/fortunes", "--output", path});
+    auto r =
+        run_autotune({"prepare-data", "--input", "/usr/share/games/fortunes", "--output", path});
     if (r.exit_code != 0) throw std::runtime_error("cannot prepare the default corpus: " + r.err);
   });
   return path;

@@ -46,19 +46,23 @@ Estimate estimate_memory(const Workload& workload, const Plan& plan, uint64_t ba
   //   end of backward: params + optimizer + all gradients + the first block's tail
   //   optimizer step : params + optimizer + gradients + one parameter's temporaries
   const double forward_end = params + optimizer + activations + t.weight_copy_bytes;
-  const double backward_end = params + optimizer + grads + t.backward_tail_bytes + t.weight_copy_bytes;
+  // The autocast weight copies die with the forward's autocast scope (the saved ones are
+  // released as backward consumes them), so they are not part of the backward's end.
+  const double backward_end = params + optimizer + grads + t.backward_tail_bytes;
   const double optimizer_step = params + optimizer + grads;
   double peak = std::max({forward_end, backward_end, optimizer_step});
-  e.peak_phase = peak == forward_end ? "forward" : (peak == backward_end ? "backward" : "optimizer");
+  e.peak_phase =
+      peak == forward_end ? "forward" : (peak == backward_end ? "backward" : "optimizer");
 
-  std::vector<std::pair<std::string, double>> lines = {{"params", params}, {"optimizer", optimizer}};
+  std::vector<std::pair<std::string, double>> lines = {{"params", params},
+                                                       {"optimizer", optimizer}};
   if (e.peak_phase == "forward") {
     for (const auto& term : t.terms) lines.push_back({term.name, term.bytes});
   } else {
     lines.push_back({"grads", grads});
     if (e.peak_phase == "backward") lines.push_back({"backward tail", t.backward_tail_bytes});
   }
-  if (t.weight_copy_bytes > 0 && e.peak_phase != "optimizer")
+  if (t.weight_copy_bytes > 0 && e.peak_phase == "forward")
     lines.push_back({"autocast weight copies", t.weight_copy_bytes});
   lines.push_back({"slack", peak * kSlackFraction});
   peak += peak * kSlackFraction;
@@ -77,8 +81,8 @@ void print_estimate(const Estimate& e) {
     rows.push_back({l.name, fmt::format("{:>12}  {:5.1f}%", format_bytes(l.bytes),
                                         100.0 * static_cast<double>(l.bytes) /
                                             static_cast<double>(e.tensor_peak_bytes))});
-  rows.push_back({"tensor peak", format_bytes(e.tensor_peak_bytes) + " (at the " + e.peak_phase +
-                                     " peak)"});
+  rows.push_back(
+      {"tensor peak", format_bytes(e.tensor_peak_bytes) + " (at the " + e.peak_phase + " peak)"});
   rows.push_back({"process baseline", format_bytes(e.baseline_bytes)});
   rows.push_back({"peak (budget figure)", format_bytes(e.peak_bytes)});
   print_table("estimate", rows);

@@ -9,10 +9,14 @@
 namespace autotune {
 
 void to_json(nlohmann::json& j, const Trial& t) {
-  j = {{"plan", t.plan},          {"fits", t.fits},
-       {"oom", t.oom},            {"peak_bytes", t.peak_bytes},
-       {"phase_peaks", t.phase_peaks}, {"tokens_per_s", t.tokens_per_s},
-       {"wall_s", t.wall_s},      {"steps_run", t.steps_run},
+  j = {{"plan", t.plan},
+       {"fits", t.fits},
+       {"oom", t.oom},
+       {"peak_bytes", t.peak_bytes},
+       {"phase_peaks", t.phase_peaks},
+       {"tokens_per_s", t.tokens_per_s},
+       {"wall_s", t.wall_s},
+       {"steps_run", t.steps_run},
        {"reason", t.reason}};
 }
 
@@ -44,8 +48,7 @@ struct StepTimer : TrainObserver {
 };
 }  // namespace
 
-Trial run_trial(Workload& workload, const Plan& plan, const ProbeOptions& opt,
-                MemoryMeter& meter) {
+Trial run_trial(Workload& workload, const Plan& plan, const ProbeOptions& opt, MemoryMeter& meter) {
   Trial t;
   t.plan = plan;
   // Two micro-batches show the accumulation peak (gradients alive during the second forward);
@@ -87,7 +90,8 @@ Trial run_trial(Workload& workload, const Plan& plan, const ProbeOptions& opt,
   t.steps_run = timer.steps;
   t.peak_bytes = monitor.peak_budget_bytes();
   t.phase_peaks = nlohmann::json::object();
-  for (const auto& [phase, p] : monitor.phase_peaks()) t.phase_peaks[to_string(phase)] = p.budget_bytes;
+  for (const auto& [phase, p] : monitor.phase_peaks())
+    t.phase_peaks[to_string(phase)] = p.budget_bytes;
   if (timer.measured_s > 0)
     t.tokens_per_s = static_cast<double>(timer.measured_tokens) / timer.measured_s;
 

@@ -96,8 +96,8 @@ struct PairResult {
 
 class ModelSearch {
  public:
-  ModelSearch(Workload& w, const TunerRequest& r, Session& s, uint64_t baseline,
-              int64_t seq_len, int64_t d_model)
+  ModelSearch(Workload& w, const TunerRequest& r, Session& s, uint64_t baseline, int64_t seq_len,
+              int64_t d_model)
       : w_(w), r_(r), s_(s), baseline_(baseline), seq_len_(seq_len), d_model_(d_model) {
     mbs_ = candidate_micro_batches(r);
   }
@@ -349,17 +349,21 @@ TunerResult tune(Workload& workload, const TunerRequest& request, MemoryMeter& m
     for (const auto& t : result.trials)
       if (t.peak_bytes && (!smallest || t.peak_bytes < smallest)) smallest = t.peak_bytes;
     std::string hint = "a larger --budget";
-    if (!request.precision) hint += ", --precision bf16"; else hint += ", bf16";
+    if (!request.precision)
+      hint += ", --precision bf16";
+    else
+      hint += ", bf16";
     if (knobs.checkpointing && !(request.checkpointing && !*request.checkpointing))
       hint += ", --checkpointing on";
     if (!request.allow_shrink_seq && knobs.seq_len) hint += ", --allow-shrink seq";
     if (!request.allow_shrink_width && knobs.width) hint += ", --allow-shrink width";
     result.infeasible_message =
         "no plan fits the budget " + format_bytes(request.budget_bytes) + " (usable " +
-        format_bytes(request.usable_bytes) + " after the margin): " +
-        std::to_string(result.trials.size()) + " trials, smallest measured peak " +
-        (smallest ? format_bytes(smallest) : std::string("none (all out of memory)")) +
-        "; try " + hint;
+        format_bytes(request.usable_bytes) +
+        " after the margin): " + std::to_string(result.trials.size()) +
+        " trials, smallest measured peak " +
+        (smallest ? format_bytes(smallest) : std::string("none (all out of memory)")) + "; try " +
+        hint;
     return result;
   }
   // Fastest wins; within kTieFraction the plan closest to the request wins.
@@ -372,8 +376,10 @@ TunerResult tune(Workload& workload, const TunerRequest& request, MemoryMeter& m
       chosen = &f;
   result.plan = chosen->plan;
   for (auto& t : result.trials)
-    if (t.fits && !(t.plan == chosen->plan)) t.reason = "fits, slower than the chosen plan";
-    else if (t.plan == chosen->plan) t.reason = "chosen";
+    if (t.fits && !(t.plan == chosen->plan))
+      t.reason = "fits, slower than the chosen plan";
+    else if (t.plan == chosen->plan)
+      t.reason = "chosen";
   return result;
 }
 

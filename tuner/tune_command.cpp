@@ -75,7 +75,8 @@ int tune_command(const RunSpec& spec_in) {
   RunContext ctx(spec_in);
   const RunSpec& spec = ctx.spec();
   Workload& w = ctx.workload();
-  const int64_t global_batch = resolve_global_batch(spec, spec.seq_len.value_or(w.default_seq_len()));
+  const int64_t global_batch =
+      resolve_global_batch(spec, spec.seq_len.value_or(w.default_seq_len()));
   if (spec.micro_batch && global_batch % *spec.micro_batch != 0)
     throw UsageError("--global-batch " + std::to_string(global_batch) +
                      " is not reachable with --micro-batch " + std::to_string(*spec.micro_batch) +
@@ -193,9 +194,14 @@ int tune_command(const RunSpec& spec_in) {
 
   nlohmann::json trials_json = nlohmann::json::array();
   for (const auto& t : trials)
-    trials_json.push_back({{"plan", t.plan}, {"fits", t.fits}, {"peak_bytes", t.peak_bytes},
-                           {"tokens_per_s", t.tokens_per_s}, {"reason", t.reason},
-                           {"oom", t.oom}, {"phase_peaks", t.phase_peaks}, {"wall_s", t.wall_s}});
+    trials_json.push_back({{"plan", t.plan},
+                           {"fits", t.fits},
+                           {"peak_bytes", t.peak_bytes},
+                           {"tokens_per_s", t.tokens_per_s},
+                           {"reason", t.reason},
+                           {"oom", t.oom},
+                           {"phase_peaks", t.phase_peaks},
+                           {"wall_s", t.wall_s}});
 
   if (spec.command == "probe") {
     if (spec.json) {
@@ -214,9 +220,9 @@ int tune_command(const RunSpec& spec_in) {
   }
 
   // ---- train with the plan; the full run's peak goes back into the profile ----
-  ctx.print_settings(profile->plan, reused ? "profile " + path : "probed (" +
-                                                                     std::to_string(trials.size()) +
-                                                                     " trials)");
+  ctx.print_settings(profile->plan, reused
+                                        ? "profile " + path
+                                        : "probed (" + std::to_string(trials.size()) + " trials)");
   RunSummary summary = ctx.train(profile->plan);
   const uint64_t peak = ctx.monitor()->peak_budget_bytes();
   spdlog::info("full run peak {} of budget {} ({:.1f}%){}", format_bytes(peak),
@@ -227,8 +233,10 @@ int tune_command(const RunSpec& spec_in) {
   profile->full_run_at = now_iso8601();
   profile->oom_recoveries += static_cast<int64_t>(summary.recoveries.size());
   for (const auto& rec : summary.recoveries)
-    profile->recoveries.push_back({{"step", rec.step + 1}, {"phase", to_string(rec.phase)},
-                                   {"before", rec.before}, {"after", rec.after},
+    profile->recoveries.push_back({{"step", rec.step + 1},
+                                   {"phase", to_string(rec.phase)},
+                                   {"before", rec.before},
+                                   {"after", rec.after},
                                    {"at", now_iso8601()}});
   // The next run starts from the plan that survived (eval-only changes included).
   if (!summary.recoveries.empty()) profile->plan = summary.plan;

@@ -16,7 +16,9 @@ class OomInjector : public TrainObserver {
  public:
   // Throws UsageError for a malformed spec.
   explicit OomInjector(const std::string& spec);
-  void on_start(const Plan&, const TrainOptions&, int64_t first_step) override { step_ = first_step; }
+  void on_start(const Plan&, const TrainOptions&, int64_t first_step) override {
+    step_ = first_step;
+  }
   void on_phase_begin(Phase phase) override;
   void on_step(const StepStats& s) override { step_ = s.step; }
   void on_eval(int64_t step, double) override {}

@@ -6,8 +6,8 @@
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
 #include <torch/torch.h>
+#include <nlohmann/json.hpp>
 
 #include "autotune/workload.h"
 
@@ -18,7 +18,7 @@ struct GptConfig {
   int64_t n_layer = 4;
   int64_t n_head = 4;
   int64_t d_model = 128;
-  int64_t seq_len = 128;    // context length (block size)
+  int64_t seq_len = 128;  // context length (block size)
   int64_t vocab_size = 256;
   double dropout = 0.0;
 

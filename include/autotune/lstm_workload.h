@@ -9,11 +9,11 @@ namespace autotune {
 
 struct LstmConfig {
   std::string name = "lstm-small";
-  int64_t channels = 16;   // input signal channels
-  int64_t hidden = 128;    // LSTM hidden size
+  int64_t channels = 16;  // input signal channels
+  int64_t hidden = 128;   // LSTM hidden size
   int64_t layers = 2;
-  int64_t seq_len = 200;   // samples per window
-  int64_t outputs = 4;     // angles predicted per time step
+  int64_t seq_len = 200;  // samples per window
+  int64_t outputs = 4;    // angles predicted per time step
   void validate() const;
   nlohmann::json to_json() const;
 };

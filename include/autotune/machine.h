@@ -20,8 +20,8 @@ struct MachineFacts {
 MachineFacts read_machine_facts();
 
 struct ModeChoice {
-  Mode mode = Mode::normal;   // never auto_
-  std::string reason;         // one line
+  Mode mode = Mode::normal;  // never auto_
+  std::string reason;        // one line
 };
 
 // Thresholds (docs/DECISIONS.md): ultra-low when RAM total < 16 GiB or available RAM < budget +
@@ -31,10 +31,10 @@ ModeChoice choose_mode(Mode requested, std::optional<uint64_t> budget_bytes,
 
 // What each mode changes.
 struct ModePolicy {
-  bool start_small = false;       // tuner starts from the smallest micro-batch
-  int64_t eval_batch_cap = 0;     // 0: no cap
-  bool pread_data = false;        // windows through positioned reads into a reused buffer
-  uint64_t cache_bytes = 0;       // sample cache cap
+  bool start_small = false;    // tuner starts from the smallest micro-batch
+  int64_t eval_batch_cap = 0;  // 0: no cap
+  bool pread_data = false;     // windows through positioned reads into a reused buffer
+  uint64_t cache_bytes = 0;    // sample cache cap
   int64_t prefetch_batches = 2;
   bool release_between_phases = false;
   int64_t monitor_every_steps = 50;

@@ -20,19 +20,20 @@ namespace autotune {
 struct PhasePeak {
   int64_t step = 0;  // 0-based optimizer step the phase belonged to
   Phase phase = Phase::forward;
-  uint64_t budget_bytes = 0;  // the budget figure's peak during the phase
-  uint64_t tensor_bytes = 0;  // CPU tensor peak (counting allocator)
-  uint64_t device_bytes = 0;  // accelerator peak allocated
-  uint64_t rss_bytes = 0;     // process peak RSS
+  uint64_t budget_bytes = 0;         // the budget figure's peak during the phase
+  uint64_t tensor_bytes = 0;         // CPU tensor peak (counting allocator)
+  uint64_t tensor_growth_bytes = 0;  // of which allocated during the phase (peak - at its start)
+  uint64_t device_bytes = 0;         // accelerator peak allocated
+  uint64_t rss_bytes = 0;            // process peak RSS
 };
 
 struct MemoryMonitorOptions {
   std::optional<uint64_t> budget_bytes;
-  int64_t every_steps = 10;      // a memory line every N steps (0: never)
-  std::string timeline_path;     // JSONL; empty: none
+  int64_t every_steps = 10;   // a memory line every N steps (0: never)
+  std::string timeline_path;  // JSONL; empty: none
   double warn_fraction = 0.9;
-  bool keep_history = false;     // keep every PhasePeak (tests, probes)
-  bool log_summary = true;       // the end-of-run peak line (off for probe trials)
+  bool keep_history = false;  // keep every PhasePeak (tests, probes)
+  bool log_summary = true;    // the end-of-run peak line (off for probe trials)
 };
 
 class MemoryMonitor : public TrainObserver {
@@ -63,6 +64,7 @@ class MemoryMonitor : public TrainObserver {
   PhasePeak peak_;
   bool warned_ = false;
   std::ofstream timeline_;
+  uint64_t tensor_at_begin_ = 0;
 };
 
 }  // namespace autotune

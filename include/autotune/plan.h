@@ -14,13 +14,13 @@ std::string to_string(Precision p);
 Precision parse_precision(const std::string& s);  // throws UsageError
 
 struct Plan {
-  int64_t micro_batch = 1;   // sequences per forward/backward
-  int64_t grad_accum = 1;    // micro-batches per optimizer step
+  int64_t micro_batch = 1;  // sequences per forward/backward
+  int64_t grad_accum = 1;   // micro-batches per optimizer step
   Precision precision = Precision::fp32;
   bool checkpointing = false;  // recompute each block in backward
-  int64_t seq_len = 0;       // tokens per sequence (0: the workload's default)
-  int64_t d_model = 0;       // model width (0: the workload's default)
-  int64_t eval_batch = 0;    // sequences per eval forward (0: micro_batch)
+  int64_t seq_len = 0;         // tokens per sequence (0: the workload's default)
+  int64_t d_model = 0;         // model width (0: the workload's default)
+  int64_t eval_batch = 0;      // sequences per eval forward (0: micro_batch)
 
   int64_t global_batch() const { return micro_batch * grad_accum; }
   std::string describe() const;  // "mb=8 ga=4 bf16 ckpt=off T=256 d=384"

@@ -39,7 +39,7 @@ class LossScaler {
   // Unscales grads in place; returns false (and backs the scale off) when any was inf/nan.
   bool unscale_and_check(const std::vector<torch::Tensor>& params);
   double scale() const;
-  torch::Tensor state() const;               // [scale, growth_tracker] for checkpoints
+  torch::Tensor state() const;  // [scale, growth_tracker] for checkpoints
   void load_state(const torch::Tensor& s);
 
  private:

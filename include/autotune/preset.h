@@ -15,8 +15,8 @@ struct Preset {
   std::string name;
   std::string description;
   Mode mode = Mode::auto_;
-  bool start_small = false;         // "start": "small" | "estimate"
-  int64_t max_micro_batch = 0;      // 0: no bound
+  bool start_small = false;     // "start": "small" | "estimate"
+  int64_t max_micro_batch = 0;  // 0: no bound
   std::vector<Precision> precisions;
   std::string checkpointing = "auto";  // auto | on | off
   int64_t eval_batch = 0;

@@ -18,9 +18,9 @@ namespace autotune {
 constexpr int kProfileSchema = 1;
 
 struct Fingerprint {
-  nlohmann::json workload;     // the workload's full config (model + data)
+  nlohmann::json workload;  // the workload's full config (model + data)
   std::string model_name;
-  std::string device_kind;     // "cpu", "cuda"
+  std::string device_kind;  // "cpu", "cuda"
   std::string device_name;
   uint64_t device_total_bytes = 0;
   std::string libtorch_version;
@@ -28,10 +28,10 @@ struct Fingerprint {
   uint64_t budget_bytes = 0;
   uint64_t margin_bytes = 0;
   int64_t global_batch = 0;
-  nlohmann::json pins;         // pinned knobs, allow-shrink, search strategy, mode
+  nlohmann::json pins;  // pinned knobs, allow-shrink, search strategy, mode
   nlohmann::json to_json() const;
   static Fingerprint from_json(const nlohmann::json& j);
-  std::string hash() const;    // 16 hex digits of FNV-1a over the canonical JSON
+  std::string hash() const;  // 16 hex digits of FNV-1a over the canonical JSON
   bool operator==(const Fingerprint& o) const { return to_json() == o.to_json(); }
 };
 
@@ -41,11 +41,11 @@ struct Profile {
   Plan plan;
   std::vector<Trial> trials;
   double probe_seconds = 0;
-  bool task_changed = false;     // --allow-shrink changed seq_len or width
+  bool task_changed = false;  // --allow-shrink changed seq_len or width
   std::string task_change_note;
   std::optional<uint64_t> full_run_peak_bytes;  // measured peak of the last full run
-  std::string full_run_at;       // ISO 8601 UTC
-  int64_t oom_recoveries = 0;    // seen in runs with this profile
+  std::string full_run_at;                      // ISO 8601 UTC
+  int64_t oom_recoveries = 0;                   // seen in runs with this profile
   nlohmann::json recoveries = nlohmann::json::array();
   std::string created_at;
   std::string tool_version;

@@ -16,11 +16,11 @@ enum class Mode { auto_, normal, low, ultra_low };
 std::string to_string(Mode m);
 
 struct RunSpec {
-  std::string command = "run";  // run | probe | train | estimate
-  std::string model = "gpt-mini";  // preset name or JSON file
-  std::string data;                // token file (default: data/corpus.tok)
-  std::string device = "auto";     // auto | cpu | cuda[:N] | any accelerator LibTorch knows
-  std::string budget_text;         // as given ("10G"); empty: no budget
+  std::string command = "run";          // run | probe | train | estimate
+  std::string model = "gpt-mini";       // preset name or JSON file
+  std::string data;                     // token file (default: data/corpus.tok)
+  std::string device = "auto";          // auto | cpu | cuda[:N] | any accelerator LibTorch knows
+  std::string budget_text;              // as given ("10G"); empty: no budget
   std::optional<int64_t> global_batch;  // sequences per optimizer step (default 32)
   std::optional<int64_t> batch_tokens;  // alternative to global_batch, in tokens
 
@@ -35,23 +35,23 @@ struct RunSpec {
   int64_t eval_every = 0;
   int64_t eval_sequences = 64;
   int64_t log_every = 10;
-  std::string run_dir;             // checkpoints and the memory timeline
+  std::string run_dir;  // checkpoints and the memory timeline
   int64_t checkpoint_every = 0;
   bool resume = false;
 
   std::string profile_dir = "profiles";
-  std::string profile_file;        // --profile FILE
+  std::string profile_file;  // --profile FILE
   Mode mode = Mode::auto_;
   std::string preset;
-  bool preset_start_small = false;   // from --preset: start the search at the smallest batch
+  bool preset_start_small = false;     // from --preset: start the search at the smallest batch
   int64_t preset_max_micro_batch = 0;  // from --preset: 0 = no bound
   std::vector<Precision> preset_precisions;  // from --preset: empty = fp32 and bf16
-  int64_t log_every_memory = 0;      // memory line every N steps (0: 5 x log_every)
-  std::string search = "model";    // model | power | halve
+  int64_t log_every_memory = 0;              // memory line every N steps (0: 5 x log_every)
+  std::string search = "model";              // model | power | halve
   bool allow_shrink_seq = false, allow_shrink_width = false;
   bool reprobe = false;
   bool require_profile_save = false;
-  std::string margin_text = "5%";  // safety margin below the budget
+  std::string margin_text = "5%";                 // safety margin below the budget
   bool margin_given = false, mode_given = false;  // given on the command line (beat a preset)
   bool json = false;
 };

@@ -19,22 +19,22 @@ enum class Phase { forward, backward, optimizer, eval };
 const char* to_string(Phase p);
 
 struct TrainOptions {
-  int64_t steps = 100;           // optimizer steps in total (a resumed run continues to this)
-  double lr = 1e-3;              // peak learning rate
-  double min_lr = 1e-4;          // end of the cosine
-  int64_t warmup_steps = -1;     // -1: min(100, steps / 10)
+  int64_t steps = 100;        // optimizer steps in total (a resumed run continues to this)
+  double lr = 1e-3;           // peak learning rate
+  double min_lr = 1e-4;       // end of the cosine
+  int64_t warmup_steps = -1;  // -1: min(100, steps / 10)
   double weight_decay = 0.1;
   double beta1 = 0.9, beta2 = 0.95;
-  double grad_clip = 1.0;        // max global L2 norm; 0 disables
-  int64_t eval_every = 0;        // 0: only at the end
-  int64_t eval_sequences = 64;   // validation sequences per evaluation
+  double grad_clip = 1.0;       // max global L2 norm; 0 disables
+  int64_t eval_every = 0;       // 0: only at the end
+  int64_t eval_sequences = 64;  // validation sequences per evaluation
   uint64_t seed = 1337;
   torch::Device device = torch::kCPU;
 
   std::string run_dir;           // checkpoints live in run_dir/checkpoints; empty: none
   int64_t checkpoint_every = 0;  // 0: only at the end (and on a stop)
   int keep_checkpoints = 3;
-  bool resume = false;           // continue from the newest complete checkpoint in run_dir
+  bool resume = false;  // continue from the newest complete checkpoint in run_dir
 
   // OOM ladder: halve micro_batch (x2 grad_accum), then checkpointing on, then bf16 if allowed.
   bool recover_oom = true;
@@ -46,9 +46,9 @@ struct TrainOptions {
 };
 
 struct StepStats {
-  int64_t step = 0;        // 1-based index of the optimizer step just finished
+  int64_t step = 0;  // 1-based index of the optimizer step just finished
   int64_t steps = 0;
-  double loss = 0;         // mean over the global batch
+  double loss = 0;  // mean over the global batch
   double lr = 0;
   double grad_norm = 0;
   double step_ms = 0;
@@ -66,16 +66,16 @@ struct Recovery {
 };
 
 struct RunSummary {
-  Plan plan;                 // the plan at the end (after any recovery)
-  int64_t first_step = 0;    // 0, or the resumed step
-  int64_t steps_done = 0;    // optimizer steps completed (== options.steps unless stopped)
-  int64_t tokens = 0;        // trained this invocation
+  Plan plan;               // the plan at the end (after any recovery)
+  int64_t first_step = 0;  // 0, or the resumed step
+  int64_t steps_done = 0;  // optimizer steps completed (== options.steps unless stopped)
+  int64_t tokens = 0;      // trained this invocation
   double final_loss = std::numeric_limits<double>::quiet_NaN();
   double val_loss = std::numeric_limits<double>::quiet_NaN();
-  double tokens_per_s = 0;   // tokens / training seconds (evaluation excluded)
+  double tokens_per_s = 0;  // tokens / training seconds (evaluation excluded)
   double wall_s = 0;
   std::vector<Recovery> recoveries;
-  int stop_signal = 0;       // SIGINT/SIGTERM that stopped the run, else 0
+  int stop_signal = 0;  // SIGINT/SIGTERM that stopped the run, else 0
   std::string last_checkpoint;
 };
 

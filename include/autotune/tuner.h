@@ -13,8 +13,8 @@
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
 #include <torch/torch.h>
+#include <nlohmann/json.hpp>
 
 #include "autotune/memory.h"
 #include "autotune/plan.h"
@@ -25,13 +25,13 @@ namespace autotune {
 struct Trial {
   Plan plan;
   bool fits = false;
-  bool oom = false;             // c10::OutOfMemoryError during the trial
-  uint64_t peak_bytes = 0;      // the budget figure's peak (0 when it OOMed before measuring)
-  nlohmann::json phase_peaks;   // {forward: bytes, backward: ..., optimizer: ..., eval: ...}
-  double tokens_per_s = 0;      // measured steps only (warm-up excluded)
+  bool oom = false;            // c10::OutOfMemoryError during the trial
+  uint64_t peak_bytes = 0;     // the budget figure's peak (0 when it OOMed before measuring)
+  nlohmann::json phase_peaks;  // {forward: bytes, backward: ..., optimizer: ..., eval: ...}
+  double tokens_per_s = 0;     // measured steps only (warm-up excluded)
   double wall_s = 0;
   int64_t steps_run = 0;
-  std::string reason;           // why rejected, or "fits"
+  std::string reason;  // why rejected, or "fits"
 };
 void to_json(nlohmann::json& j, const Trial& t);
 void from_json(const nlohmann::json& j, Trial& t);
@@ -50,27 +50,27 @@ Trial run_trial(Workload& workload, const Plan& plan, const ProbeOptions& opt, M
 struct TunerRequest {
   int64_t global_batch = 32;
   uint64_t budget_bytes = 0;
-  uint64_t usable_bytes = 0;  // budget - margin
+  uint64_t usable_bytes = 0;     // budget - margin
   std::string search = "model";  // model | power | halve
   // Pins (nullopt: free)
   std::optional<int64_t> micro_batch, seq_len;
   std::optional<Precision> precision;
   std::optional<bool> checkpointing;
   bool allow_shrink_seq = false, allow_shrink_width = false;
-  bool start_small = false;   // ultra-low-mem: start from the smallest micro-batch
-  int64_t max_micro_batch = 0;  // a preset's bound (0: none)
+  bool start_small = false;                   // ultra-low-mem: start from the smallest micro-batch
+  int64_t max_micro_batch = 0;                // a preset's bound (0: none)
   std::vector<Precision> allowed_precisions;  // a preset's list (empty: fp32 and bf16)
   int64_t eval_batch = 0;
   ProbeOptions probe;
 };
 
 struct TunerResult {
-  std::optional<Plan> plan;       // nullopt: infeasible
+  std::optional<Plan> plan;  // nullopt: infeasible
   std::vector<Trial> trials;
   double probe_seconds = 0;
-  bool shrunk_task = false;       // seq_len or width changed (allowed by --allow-shrink)
-  std::string shrink_note;        // what changed, said loudly
-  std::string infeasible_message; // the one line for an infeasible budget
+  bool shrunk_task = false;        // seq_len or width changed (allowed by --allow-shrink)
+  std::string shrink_note;         // what changed, said loudly
+  std::string infeasible_message;  // the one line for an infeasible budget
 };
 
 // Called after each trial (for progress lines).

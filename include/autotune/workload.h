@@ -6,8 +6,8 @@
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
 #include <torch/torch.h>
+#include <nlohmann/json.hpp>
 
 #include "autotune/plan.h"
 
@@ -80,8 +80,7 @@ class Workload {
   virtual Batch train_batch(int64_t step, int64_t first, int64_t count, const Plan& plan,
                             torch::Device device) = 0;
   // Sequences [first, first+count) of the fixed validation set.
-  virtual Batch val_batch(int64_t first, int64_t count, const Plan& plan,
-                          torch::Device device) = 0;
+  virtual Batch val_batch(int64_t first, int64_t count, const Plan& plan, torch::Device device) = 0;
 
   virtual EstimateTerms estimate_terms(const Plan& plan) const = 0;
 };

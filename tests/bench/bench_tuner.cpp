@@ -44,11 +44,16 @@ int main(int argc, char** argv) {
   int64_t full_steps = 20, global_batch = 32;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
-    if (k == "--data") data = v;
-    else if (k == "--models") models = v;
-    else if (k == "--steps") full_steps = std::stoll(v);
-    else if (k == "--global-batch") global_batch = std::stoll(v);
-    else if (k == "--out") out = v;
+    if (k == "--data")
+      data = v;
+    else if (k == "--models")
+      models = v;
+    else if (k == "--steps")
+      full_steps = std::stoll(v);
+    else if (k == "--global-batch")
+      global_batch = std::stoll(v);
+    else if (k == "--out")
+      out = v;
   }
   MemoryMeter meter(torch::kCPU);
   nlohmann::json report = nlohmann::json::array();
@@ -107,9 +112,12 @@ int main(int argc, char** argv) {
         if (search != "model") r.precision = Precision::fp32;
         cpu_alloc::set_cap(static_cast<int64_t>(usable - meter.baseline_bytes()));
         TunerResult res = tune(*w, r, meter);
-        nlohmann::json row = {{"workload", name}, {"budget", label},
-                              {"budget_bytes", budget},  {"search", search},
-                              {"trials", res.trials.size()}, {"seconds", res.probe_seconds},
+        nlohmann::json row = {{"workload", name},
+                              {"budget", label},
+                              {"budget_bytes", budget},
+                              {"search", search},
+                              {"trials", res.trials.size()},
+                              {"seconds", res.probe_seconds},
                               {"oracle_tokens_per_s", oracle}};
         std::string plan = "infeasible";
         double quality = 0, use = 0;
