@@ -1,5 +1,7 @@
 #include "autotune/gpt_workload.h"
 
+#include <algorithm>
+
 #include <string>
 
 #include "autotune/batch_loader.h"
@@ -214,7 +216,13 @@ EstimateTerms GptWorkload::estimate_terms(const Plan& plan) const {
   if (plan.checkpointing) {
     // Only each block's input (fp32) survives the forward; one block is recomputed at a time.
     e.terms.push_back({"activations (block inputs)", BT * L * 4 * C});
-    e.backward_tail_bytes = block_bytes + working;
+    // Two moments in backward: the last block's recomputation right after the head (12P + the
+    // block inputs + the logits' gradient + one block) and the first block's at the end (16P +
+    // one block). Expressed on top of 16P, the first is larger when 4P is small.
+    const double block_inputs = BT * L * 4 * C, logits_grad = BT * V * 4;
+    const double params4 = 4.0 * static_cast<double>(c.n_params());
+    e.backward_tail_bytes =
+        block_bytes + working + std::max(0.0, block_inputs + logits_grad - params4);
   } else {
     e.terms.push_back({"activations", L * block_bytes});
     e.backward_tail_bytes = block_bytes + working;
