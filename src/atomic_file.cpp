@@ -52,7 +52,9 @@ void atomic_write_with(const std::string& path,
   } catch (const std::exception& e) {
     std::error_code ec;
     fs::remove(tmp, ec);
-    throw RuntimeError("cannot write " + path + ": " + e.what());
+    // One line: LibTorch's errors carry a backtrace after the first line.
+    std::string what = e.what();
+    throw RuntimeError("cannot write " + path + ": " + what.substr(0, what.find('\n')));
   }
   fsync_path(parent_of(path), true);
 }

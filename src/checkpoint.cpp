@@ -1,5 +1,6 @@
 #include "autotune/checkpoint.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -7,6 +8,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 
 #include "autotune/atomic_file.h"
@@ -45,6 +47,37 @@ void remove_stale_temp_files(const std::string& dir) {
       fs::remove(e.path(), ec);
   }
 }
+
+// LibTorch's own file writer throws on a failed write and throws again from its destructor,
+// which terminates the process (seen with a file-size limit). Our writer keeps the first error,
+// lets LibTorch finish as if all went well, and reports the error afterwards; the archive is
+// streamed, never held in memory whole.
+void write_archive(torch::serialize::OutputArchive& archive, const std::string& tmp) {
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd < 0) throw RuntimeError("cannot create " + tmp + ": " + std::strerror(errno));
+  int error = 0;
+  try {
+    archive.save_to([&](const void* data, size_t n) -> size_t {
+      const char* p = static_cast<const char*>(data);
+      for (size_t done = 0; error == 0 && done < n;) {
+        const ssize_t w = ::write(fd, p + done, n - done);
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0)
+          error = errno;
+        else
+          done += static_cast<size_t>(w);
+      }
+      return n;
+    });
+  } catch (...) {
+    ::close(fd);
+    throw;
+  }
+  if (::close(fd) != 0 && error == 0) error = errno;
+  if (error != 0)
+    throw RuntimeError("cannot write " + tmp.substr(0, tmp.find(".tmp.")) + ": " +
+                       std::strerror(error));
+}
 }  // namespace
 
 std::string save_checkpoint(const std::string& run_dir, const CheckpointMeta& meta,
@@ -61,20 +94,30 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointMeta& me
   std::snprintf(name, sizeof name, "step_%08lld.pt", static_cast<long long>(meta.step));
   const std::string path = dir + "/" + name;
 
-  atomic_write_with(path, [&](const std::string& tmp) {
-    torch::serialize::OutputArchive archive;
-    torch::serialize::OutputArchive model_archive, optim_archive;
-    model.save(model_archive);
-    optimizer.save(optim_archive);
-    archive.write("model", model_archive);
-    archive.write("optimizer", optim_archive);
-    nlohmann::json m = {
-        {"step", meta.step}, {"plan", meta.plan}, {"seed", meta.seed}, {"workload", meta.workload}};
-    archive.write("meta", c10::IValue(m.dump()));
-    archive.write("rng_cpu", at::detail::getDefaultCPUGenerator().get_state(), /*is_buffer=*/true);
-    archive.write("loss_scaler", loss_scaler_state, /*is_buffer=*/true);
-    archive.save_to(tmp);
-  });
+  try {
+    atomic_write_with(path, [&](const std::string& tmp) {
+      torch::serialize::OutputArchive archive;
+      torch::serialize::OutputArchive model_archive, optim_archive;
+      model.save(model_archive);
+      optimizer.save(optim_archive);
+      archive.write("model", model_archive);
+      archive.write("optimizer", optim_archive);
+      nlohmann::json m = {{"step", meta.step},
+                          {"plan", meta.plan},
+                          {"seed", meta.seed},
+                          {"workload", meta.workload}};
+      archive.write("meta", c10::IValue(m.dump()));
+      archive.write("rng_cpu", at::detail::getDefaultCPUGenerator().get_state(),
+                    /*is_buffer=*/true);
+      archive.write("loss_scaler", loss_scaler_state, /*is_buffer=*/true);
+      write_archive(archive, tmp);
+    });
+  } catch (const RuntimeError& e) {
+    // Disk full, a file-size limit, an I/O error: the rename never happened.
+    throw RuntimeError(std::string(e.what()) +
+                       "; free disk space or choose another --run-dir (the previous checkpoint "
+                       "is intact)");
+  }
 
   auto all = list_checkpoints(run_dir);
   for (size_t i = 0; keep > 0 && i + static_cast<size_t>(keep) < all.size(); ++i)

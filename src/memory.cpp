@@ -42,10 +42,6 @@ constexpr int64_t kNoCap = -1;
 // Above the default allocator (0) and any mobile/caching registration; nothing in LibTorch
 // registers a CPU allocator at a higher priority.
 constexpr uint8_t kAllocatorPriority = 200;
-// glibc's mmap threshold is dynamic (it grows to the largest freed block, up to 32 MiB), so after
-// a few steps freed activations stay in the heap and RSS stops following tensor bytes. Pinning it
-// (and the trim threshold) to 128 KiB returns large blocks to the kernel on free.
-constexpr int kMallocThresholdBytes = 128 * 1024;
 
 std::atomic<int64_t> g_current_bytes{0};
 std::atomic<int64_t> g_peak_bytes{0};

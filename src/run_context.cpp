@@ -38,6 +38,9 @@ void install_signal_handlers() {
   sigemptyset(&sa.sa_mask);
   sigaction(SIGINT, &sa, nullptr);
   sigaction(SIGTERM, &sa, nullptr);
+  // Past a file-size limit (ulimit -f) a write must fail with EFBIG, which the checkpoint and
+  // profile writers report, instead of SIGXFSZ killing the run.
+  signal(SIGXFSZ, SIG_IGN);
 }
 
 const std::atomic<int>& RunContext::stop_signal() {

@@ -175,6 +175,29 @@ TEST(Tuner, TrialThatRanNoStepIsAnError) {
   EXPECT_NE(t.reason.find("error"), std::string::npos) << t.reason;
 }
 
+TEST(Tuner, TrialBelowTheStopRateIsStoppedEarlyAndNeverFits) {
+  Fixture f;
+  auto req = f.request(200 * kMiB);
+  Plan p;
+  p.micro_batch = 8;
+  p.grad_accum = 4;
+  ProbeOptions po = req.probe;
+  Trial full = run_trial(f.gpt, p, po, f.meter);
+  ASSERT_TRUE(full.fits) << full.reason;
+  // A rate 20x above what this plan reaches: the trial must stop long before it would end.
+  po.stop_below_tokens_per_s = 20 * full.tokens_per_s;
+  Trial t = run_trial(f.gpt, p, po, f.meter);
+  std::printf("full trial %.2f s at %.0f tokens/s; stopped trial %.2f s: %s\n", full.wall_s,
+              full.tokens_per_s, t.wall_s, t.reason.c_str());
+  EXPECT_TRUE(t.too_slow);
+  EXPECT_FALSE(t.fits);
+  EXPECT_LT(t.steps_run, full.steps_run) << "stopped before the trial's last step";
+  EXPECT_NE(t.reason.find("stopped"), std::string::npos) << t.reason;
+  // A rate it does reach never stops it.
+  po.stop_below_tokens_per_s = 0.05 * full.tokens_per_s;
+  EXPECT_TRUE(run_trial(f.gpt, p, po, f.meter).fits);
+}
+
 TEST(Tuner, ModelSearchNeedsFewerTrialsThanPower) {
   Fixture f;
   auto req = f.request(100 * kMiB, "model");

@@ -1,4 +1,5 @@
 #include <chrono>
+#include <cstdio>
 
 #include <spdlog/spdlog.h>
 
@@ -17,6 +18,7 @@ void to_json(nlohmann::json& j, const Trial& t) {
        {"tokens_per_s", t.tokens_per_s},
        {"wall_s", t.wall_s},
        {"steps_run", t.steps_run},
+       {"too_slow", t.too_slow},
        {"reason", t.reason}};
 }
 
@@ -29,21 +31,34 @@ void from_json(const nlohmann::json& j, Trial& t) {
   t.tokens_per_s = j.at("tokens_per_s").get<double>();
   t.wall_s = j.value("wall_s", 0.0);
   t.steps_run = j.value("steps_run", int64_t{0});
+  t.too_slow = j.value("too_slow", false);
   t.reason = j.value("reason", std::string());
 }
 
 namespace {
-// Times the measured steps (the warm-up step is step 1 and is excluded).
+// Thrown from an observer to stop a trial that cannot reach the required throughput.
+struct TrialTooSlow {};
+
+// Times the measured steps (the warm-up step is step 1 and is excluded) and, after every phase,
+// stops the trial once its wall time exceeds what all its tokens would take at the stop rate.
 struct StepTimer : TrainObserver {
   double measured_s = 0;
   int64_t measured_tokens = 0;
   int64_t steps = 0;
   int64_t tokens_per_step = 0;
+  double deadline_s = 0;  // 0: none
+  std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
   void on_step(const StepStats& s) override {
     steps = s.step;
     if (s.step == 1) return;
     measured_s += s.step_ms / 1e3;
     measured_tokens += tokens_per_step;
+  }
+  void on_phase_end(Phase, int64_t) override {
+    if (deadline_s > 0 &&
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() >
+            deadline_s)
+      throw TrialTooSlow{};
   }
 };
 }  // namespace
@@ -75,9 +90,15 @@ Trial run_trial(Workload& workload, const Plan& plan, const ProbeOptions& opt, M
   meter.release_cache();
   meter.reset_peaks();
   const auto t0 = std::chrono::steady_clock::now();
+  timer.start = t0;
+  if (opt.stop_below_tokens_per_s > 0)
+    timer.deadline_s =
+        static_cast<double>(to.steps * timer.tokens_per_step) / opt.stop_below_tokens_per_s;
   std::string error;
   try {
     train(workload, probe_plan, to, {&monitor, &timer});
+  } catch (const TrialTooSlow&) {
+    t.too_slow = true;
   } catch (const c10::OutOfMemoryError&) {
     // Recognised by type only. Unwinding has freed the trial's model, optimizer and tensors.
     t.oom = true;
@@ -95,7 +116,13 @@ Trial run_trial(Workload& workload, const Plan& plan, const ProbeOptions& opt, M
   if (timer.measured_s > 0)
     t.tokens_per_s = static_cast<double>(timer.measured_tokens) / timer.measured_s;
 
-  if (t.oom) {
+  if (t.too_slow) {
+    char buf[160];
+    std::snprintf(buf, sizeof buf,
+                  "stopped after %.1f s: below %.0f tokens/s, half the best fitting plan's",
+                  t.wall_s, opt.stop_below_tokens_per_s);
+    t.reason = buf;
+  } else if (t.oom) {
     t.reason = "out of memory after " + std::to_string(t.steps_run) + " step(s)";
   } else if (t.steps_run != to.steps) {
     t.reason = "error: the trial ran " + std::to_string(t.steps_run) + " of " +

@@ -47,7 +47,13 @@ class Session {
   const Trial& run(const Plan& plan) {
     for (const auto& t : trials_)
       if (t.plan == plan) return t;  // never measure the same plan twice
-    trials_.push_back(run_trial(w_, plan, r_.probe, m_));
+    // A plan below half the best fitting throughput so far cannot win: stop it early.
+    ProbeOptions probe = r_.probe;
+    for (const auto& t : trials_)
+      if (t.fits)
+        probe.stop_below_tokens_per_s =
+            std::max(probe.stop_below_tokens_per_s, 0.5 * t.tokens_per_s);
+    trials_.push_back(run_trial(w_, plan, probe, m_));
     if (cb_) cb_(trials_.back());
     return trials_.back();
   }
@@ -122,8 +128,10 @@ class ModelSearch {
 
     auto plan_of = [&](int64_t mb) { return make_plan(r_, mb, pair, seq_len_, d_model_); };
     const Trial t1 = s_.run(plan_of(first));  // a copy: later trials grow the session's vector
-    int64_t lo_fit = t1.fits ? first : 0;     // largest micro-batch known to fit
-    int64_t hi_fail = t1.fits ? 0 : first;    // smallest known not to fit
+    // Too slow at this micro-batch: smaller ones are slower still, so the pair cannot win.
+    if (t1.too_slow) return res;
+    int64_t lo_fit = t1.fits ? first : 0;   // largest micro-batch known to fit
+    int64_t hi_fail = t1.fits ? 0 : first;  // smallest known not to fit
     std::optional<Trial> best = t1.fits ? std::optional<Trial>(t1) : std::nullopt;
 
     // Second point for the line: a smaller micro-batch (half of the first, as a divisor).
@@ -133,6 +141,10 @@ class ModelSearch {
         if (mb <= first / 2) second = mb;
       if (second > 0) {
         const Trial& t2 = s_.run(plan_of(second));
+        if (t2.too_slow) {
+          res.best = best;
+          return res;
+        }
         if (t2.fits) {
           lo_fit = std::max(lo_fit, second);
           if (!best || second > best->plan.micro_batch) best = t2;
@@ -159,6 +171,10 @@ class ModelSearch {
       int64_t predicted = largest_fitting(mbs_, a, b, usable);
       if (predicted > lo_fit && (hi_fail == 0 || predicted < hi_fail)) {
         const Trial& t3 = s_.run(plan_of(predicted));
+        if (t3.too_slow) {
+          res.best = best;
+          return res;
+        }
         if (t3.fits) {
           lo_fit = predicted;
           best = t3;
@@ -175,6 +191,7 @@ class ModelSearch {
       if (between.empty() || (hi_fail == 0 && lo_fit > 0)) break;
       const int64_t mid = between[(between.size() - 1) / 2];
       const Trial& t = s_.run(plan_of(mid));
+      if (t.too_slow) break;
       if (t.fits) {
         lo_fit = mid;
         best = t;

@@ -14,7 +14,13 @@ namespace autotune {
 // Installed once with c10::SetCPUAllocator at a high priority and kept for the life of the
 // process. Tracks current and peak bytes of every CPU tensor storage. Thread-safe (atomics).
 namespace cpu_alloc {
-void install();  // idempotent; also pins glibc's mmap threshold so freed tensors leave the RSS
+// glibc's mmap threshold is dynamic (it grows to the largest freed block, up to 32 MiB), so after
+// a few steps freed activations stay in the heap and RSS stops following tensor bytes. install()
+// pins it (and the trim threshold) so blocks of this size and above return to the kernel on
+// free. 2 MiB, not 128 KiB: fresh pages cost page faults, +13% faults and +8-11% step time at
+// 128 KiB vs within noise at 2 MiB (scripts/bench-meter-overhead, docs/BENCHMARKS.md).
+constexpr int kMallocThresholdBytes = 2 * 1024 * 1024;
+void install();  // idempotent; also pins glibc's thresholds (above)
 bool installed();
 int64_t current_bytes();
 int64_t peak_bytes();

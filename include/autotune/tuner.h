@@ -31,7 +31,8 @@ struct Trial {
   double tokens_per_s = 0;     // measured steps only (warm-up excluded)
   double wall_s = 0;
   int64_t steps_run = 0;
-  std::string reason;  // why rejected, or "fits"
+  bool too_slow = false;  // stopped early: proven below ProbeOptions::stop_below_tokens_per_s
+  std::string reason;     // why rejected, or "fits"
 };
 void to_json(nlohmann::json& j, const Trial& t);
 void from_json(const nlohmann::json& j, Trial& t);
@@ -41,6 +42,10 @@ struct ProbeOptions {
   int64_t measured_steps = 2;
   uint64_t seed = 1337;
   torch::Device device = torch::kCPU;
+  // A trial still running when it has taken longer than its tokens need at this rate is stopped
+  // (too_slow): it cannot win, so its remaining minutes are not spent (0: never). The search sets
+  // it to half the best fitting plan's tokens/s; bf16 matmuls without AVX-512/AMX run ~70x slower.
+  double stop_below_tokens_per_s = 0;
 };
 
 // Runs one trial. Never throws for OOM; a trial that ran no step is reported as an error

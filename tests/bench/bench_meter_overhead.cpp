@@ -98,8 +98,8 @@ int main(int argc, char** argv) {
   // Installed before any tensor exists, as the tool does at start-up.
   std::unique_ptr<autotune::MemoryMeter> meter;
   if (mode == "mallopt") {
-    mallopt(M_MMAP_THRESHOLD, 128 * 1024);
-    mallopt(M_TRIM_THRESHOLD, 128 * 1024);
+    mallopt(M_MMAP_THRESHOLD, autotune::cpu_alloc::kMallocThresholdBytes);
+    mallopt(M_TRIM_THRESHOLD, autotune::cpu_alloc::kMallocThresholdBytes);
   } else if (mode == "counting") {
     autotune::cpu_alloc::install();
   } else if (mode == "meter") {

@@ -66,20 +66,33 @@ int main(int argc, char** argv) {
     meter.remeasure_baseline();
     ProbeOptions free_probe;
     free_probe.usable_bytes = UINT64_MAX;
+    // fp32 first. A bf16 plan is stopped once it is proven slower than half the slowest fp32
+    // plan (bf16 matmuls run ~70x slower on a CPU without AVX-512-BF16/AMX): such a plan could be
+    // the oracle only at a budget no fp32 plan fits, which the budgets below never are.
     std::vector<Trial> grid;
-    for (int64_t mb : divisors(global_batch))
-      for (Precision prec : {Precision::fp32, Precision::bf16})
-        for (bool ckpt : {false, true}) {
+    double slowest_fp32 = 0;
+    for (Precision prec : {Precision::fp32, Precision::bf16})
+      for (bool ckpt : {false, true})
+        for (int64_t mb : divisors(global_batch)) {
           if (ckpt && !w->knobs().checkpointing) continue;
           Plan p;
           p.micro_batch = mb;
           p.grad_accum = global_batch / mb;
           p.precision = prec;
           p.checkpointing = ckpt;
-          grid.push_back(run_trial(*w, p, free_probe, meter));
+          ProbeOptions po = free_probe;
+          if (prec != Precision::fp32) po.stop_below_tokens_per_s = 0.5 * slowest_fp32;
+          grid.push_back(run_trial(*w, p, po, meter));
+          const Trial& t = grid.back();
+          std::fprintf(stderr, "grid %s %s: %s, peak %.1f MiB, %.0f tokens/s\n", name.c_str(),
+                       p.describe().c_str(), t.reason.c_str(), t.peak_bytes / kMiB, t.tokens_per_s);
+          if (prec == Precision::fp32 && t.fits)
+            slowest_fp32 =
+                slowest_fp32 == 0 ? t.tokens_per_s : std::min(slowest_fp32, t.tokens_per_s);
         }
     uint64_t lo = UINT64_MAX, hi = 0;
     for (const auto& t : grid) {
+      if (!t.fits) continue;  // stopped as too slow: its peak is partial
       lo = std::min(lo, t.peak_bytes);
       hi = std::max(hi, t.peak_bytes);
     }
@@ -100,7 +113,7 @@ int main(int argc, char** argv) {
       const uint64_t usable = budget - budget / 20;
       double oracle = 0;
       for (const auto& t : grid)
-        if (t.peak_bytes <= usable) oracle = std::max(oracle, t.tokens_per_s);
+        if (t.fits && t.peak_bytes <= usable) oracle = std::max(oracle, t.tokens_per_s);
       for (const std::string search : {"model", "power", "halve"}) {
         meter.remeasure_baseline();
         TunerRequest r;
