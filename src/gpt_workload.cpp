@@ -78,6 +78,21 @@ void GptWorkload::set_data_options(const DataOptions& options) {
   }
 }
 
+nlohmann::json GptWorkload::data_report() const {
+  const DataStats s = data_stats();
+  return {{"read_mode", s.read_mode == ReadMode::pread ? "pread" : "mmap"},
+          {"cache_hits", s.cache_hits},
+          {"cache_misses", s.cache_misses},
+          {"cache_evictions", s.cache_evictions},
+          {"cache_hit_rate", s.cache_hit_rate()},
+          {"cache_bytes_in_use", s.cache_bytes_in_use},
+          {"cache_capacity_bytes", s.cache_capacity_bytes},
+          {"prefetch_batches", s.prefetch_batches},
+          {"prefetch_hits", s.prefetch_hits},
+          {"prefetch_misses", s.prefetch_misses},
+          {"prefetch_hit_rate", s.prefetch_hit_rate()}};
+}
+
 DataStats GptWorkload::data_stats() const {
   DataStats s;
   s.read_mode = data_->mode();

@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "autotune/reporter.h"
 #include "autotune/size.h"
 
 namespace autotune {
@@ -87,10 +88,13 @@ void MemoryMonitor::on_step(const StepStats& st) {
         "{:.0f}% of {}",
         100.0 * static_cast<double>(peak_.budget_bytes) / static_cast<double>(*opt_.budget_bytes),
         format_bytes(*opt_.budget_bytes));
-  spdlog::info("mem   step {:>5} | rss {} | system {}/{} | device {}/{} | peak {} ({})", st.step,
+  std::string data;
+  if (opt_.data_report)
+    if (std::string d = describe_data_report(opt_.data_report()); !d.empty()) data = " | data " + d;
+  spdlog::info("mem   step {:>5} | rss {} | system {}/{} | device {}/{} | peak {} ({}){}", st.step,
                format_bytes(s.rss_bytes), format_bytes(used), format_bytes(total),
                format_bytes(s.device_allocated_bytes), format_bytes(s.device_reserved_bytes),
-               format_bytes(peak_.budget_bytes), budget);
+               format_bytes(peak_.budget_bytes), budget, data);
 }
 
 void MemoryMonitor::on_end(const RunSummary&) {

@@ -174,8 +174,10 @@ RunSummary RunContext::train(const Plan& plan) {
   mo.budget_bytes = budget_bytes_;
   mo.every_steps = policy_.monitor_every_steps;
   if (!spec_.run_dir.empty()) mo.timeline_path = spec_.run_dir + "/memory.jsonl";
+  auto data_report = [this] { return workload_->data_report(); };
+  mo.data_report = data_report;
   monitor_ = std::make_unique<MemoryMonitor>(*meter_, mo);
-  ConsoleReporter console(spec_.log_every);
+  ConsoleReporter console(spec_.log_every, data_report);
   std::vector<TrainObserver*> observers = {monitor_.get(), &console};
   std::unique_ptr<OomInjector> injector;
   if (const char* inject = std::getenv("AUTOTUNE_INJECT_OOM"); inject && *inject) {
@@ -205,6 +207,7 @@ nlohmann::json RunContext::summary_json(const RunSummary& s) const {
       {"plan", plan},
       {"budget_bytes", budget_bytes_ ? nlohmann::json(*budget_bytes_) : nlohmann::json()},
       {"memory", monitor_ ? monitor_->to_json() : nlohmann::json::object()},
+      {"data", workload_->data_report()},
       {"tokens_per_s", s.tokens_per_s},
       {"steps", s.steps_done},
       {"first_step", s.first_step},

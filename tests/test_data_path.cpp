@@ -20,6 +20,8 @@
 #include <thread>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "autotune/batch_loader.h"
 #include "autotune/errors.h"
 #include "autotune/gpt_workload.h"
@@ -799,4 +801,47 @@ TEST_F(BigTokenFile, TrainBatchThroughputPerReadPath) {
       if (m.o.prefetch_batches > 0) EXPECT_GT(ds.prefetch_predicted_rate(), 0.99);
     }
   }
+}
+
+// The data path's counters reach the user: the memory line, the summary table and --json "data".
+TEST(DataPath, CacheAndPrefetchAreReportedInTheMonitorAndTheSummary) {
+  const std::vector<std::string> base = {"train",
+                                         "--model",
+                                         "gpt-tiny",
+                                         "--data",
+                                         autotune::testing::corpus_path(),
+                                         "--global-batch",
+                                         "4",
+                                         "--steps",
+                                         "6",
+                                         "--eval-every",
+                                         "2",
+                                         "--eval-sequences",
+                                         "8",
+                                         "--log-every",
+                                         "1",
+                                         "--json"};
+  auto normal = autotune::testing::run_autotune(base);
+  ASSERT_EQ(normal.exit_code, 0) << normal.err;
+  auto d = nlohmann::json::parse(normal.out).at("data");
+  EXPECT_EQ(d.at("read_mode").get<std::string>(), "mmap");
+  ASSERT_GT(d.at("cache_capacity_bytes").get<uint64_t>(), 0u);
+  EXPECT_GT(d.at("cache_hits").get<uint64_t>(), 0u) << "validation windows repeat every eval";
+  EXPECT_GT(d.at("cache_misses").get<uint64_t>(), 0u);
+  EXPECT_LE(d.at("cache_bytes_in_use").get<uint64_t>(),
+            d.at("cache_capacity_bytes").get<uint64_t>());
+  EXPECT_NE(normal.err.find("| data mmap, cache "), std::string::npos)
+      << "memory line: " << normal.err;
+  EXPECT_NE(normal.err.find(" | mmap, cache "), std::string::npos) << "summary row: " << normal.err;
+
+  std::vector<std::string> ultra = base;
+  ultra.insert(ultra.end(), {"--mode", "ultra-low"});
+  auto low = autotune::testing::run_autotune(ultra);
+  ASSERT_EQ(low.exit_code, 0) << low.err;
+  d = nlohmann::json::parse(low.out).at("data");
+  EXPECT_EQ(d.at("read_mode").get<std::string>(), "pread");
+  EXPECT_EQ(d.at("cache_capacity_bytes").get<uint64_t>(), 0u);
+  EXPECT_EQ(d.at("prefetch_batches").get<int64_t>(), 1);
+  EXPECT_GT(d.at("prefetch_hits").get<uint64_t>() + d.at("prefetch_misses").get<uint64_t>(), 0u);
+  EXPECT_NE(low.err.find("| data pread, no cache, prefetch 1: "), std::string::npos) << low.err;
 }

@@ -198,6 +198,35 @@ TEST(Tuner, TrialBelowTheStopRateIsStoppedEarlyAndNeverFits) {
   EXPECT_TRUE(run_trial(f.gpt, p, po, f.meter).fits);
 }
 
+TEST(Tuner, APrecisionThatFailsIsTriedOnceThenAbandoned) {
+  // Like LibTorch's bf16 LSTM on a CPU without AVX512-BF16 ("could not create a primitive
+  // descriptor"): every bf16 plan fails whatever its micro-batch.
+  struct NoBf16 : GptWorkload {
+    using GptWorkload::GptWorkload;
+    std::shared_ptr<TrainableModel> build(const Plan& p, torch::Device d, uint64_t seed) override {
+      if (p.precision == Precision::bf16) throw std::runtime_error("no bf16 kernel");
+      return GptWorkload::build(p, d, seed);
+    }
+  };
+  Fixture f;
+  NoBf16 w(load_gpt_config("gpt-mini"), TokenFile::open(tu::corpus_path()), 1);
+  auto req = f.request(60 * kMiB);
+  TunerResult r = tune(w, req, f.meter);
+  print("no-bf16", r);
+  ASSERT_TRUE(r.plan) << r.infeasible_message;
+  EXPECT_EQ(r.plan->precision, Precision::fp32);
+  int bf16_trials = 0;
+  for (const auto& t : r.trials)
+    if (t.plan.precision == Precision::bf16) {
+      ++bf16_trials;
+      EXPECT_TRUE(t.error) << t.reason;
+      EXPECT_FALSE(t.fits);
+    }
+  EXPECT_GE(bf16_trials, 1);
+  // One per (bf16, checkpointing) pair the search reached, never a walk over micro-batches.
+  EXPECT_LE(bf16_trials, 2);
+}
+
 TEST(Tuner, ModelSearchNeedsFewerTrialsThanPower) {
   Fixture f;
   auto req = f.request(100 * kMiB, "model");

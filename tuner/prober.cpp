@@ -1,4 +1,6 @@
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 
 #include <spdlog/spdlog.h>
@@ -19,6 +21,7 @@ void to_json(nlohmann::json& j, const Trial& t) {
        {"wall_s", t.wall_s},
        {"steps_run", t.steps_run},
        {"too_slow", t.too_slow},
+       {"error", t.error},
        {"reason", t.reason}};
 }
 
@@ -32,6 +35,7 @@ void from_json(const nlohmann::json& j, Trial& t) {
   t.wall_s = j.value("wall_s", 0.0);
   t.steps_run = j.value("steps_run", int64_t{0});
   t.too_slow = j.value("too_slow", false);
+  t.error = j.value("error", false);
   t.reason = j.value("reason", std::string());
 }
 
@@ -125,6 +129,7 @@ Trial run_trial(Workload& workload, const Plan& plan, const ProbeOptions& opt, M
   } else if (t.oom) {
     t.reason = "out of memory after " + std::to_string(t.steps_run) + " step(s)";
   } else if (t.steps_run != to.steps) {
+    t.error = true;
     t.reason = "error: the trial ran " + std::to_string(t.steps_run) + " of " +
                std::to_string(to.steps) + " steps" + (error.empty() ? "" : " (" + error + ")");
   } else if (t.peak_bytes > opt.usable_bytes) {
@@ -132,6 +137,25 @@ Trial run_trial(Workload& workload, const Plan& plan, const ProbeOptions& opt, M
   } else {
     t.fits = true;
     t.reason = "fits";
+  }
+  if (t.fits && opt.min_measure_s > 0 && timer.measured_s > 0 &&
+      timer.measured_s < opt.min_measure_s) {
+    const double step_s = timer.measured_s / static_cast<double>(opt.measured_steps);
+    TrainOptions more = to;
+    more.steps = 1 + std::clamp<int64_t>(
+                         static_cast<int64_t>(std::ceil(opt.min_measure_s / step_s)), 1, 200);
+    more.eval_sequences = 0;
+    StepTimer again;
+    again.tokens_per_step = timer.tokens_per_step;
+    try {
+      train(workload, probe_plan, more, {&again});
+      if (again.measured_s > 0)
+        t.tokens_per_s = static_cast<double>(again.measured_tokens) / again.measured_s;
+    } catch (const c10::OutOfMemoryError&) {
+      // Memory was measured above; keep the first timing.
+    }
+    meter.release_cache();
+    t.wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
   return t;
 }

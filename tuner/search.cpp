@@ -128,8 +128,9 @@ class ModelSearch {
 
     auto plan_of = [&](int64_t mb) { return make_plan(r_, mb, pair, seq_len_, d_model_); };
     const Trial t1 = s_.run(plan_of(first));  // a copy: later trials grow the session's vector
-    // Too slow at this micro-batch: smaller ones are slower still, so the pair cannot win.
-    if (t1.too_slow) return res;
+    // Too slow at this micro-batch: smaller ones are slower still, so the pair cannot win. An
+    // error other than memory (an op without a kernel for this precision) fails at any size.
+    if (t1.too_slow || t1.error) return res;
     int64_t lo_fit = t1.fits ? first : 0;   // largest micro-batch known to fit
     int64_t hi_fail = t1.fits ? 0 : first;  // smallest known not to fit
     std::optional<Trial> best = t1.fits ? std::optional<Trial>(t1) : std::nullopt;
@@ -141,7 +142,7 @@ class ModelSearch {
         if (mb <= first / 2) second = mb;
       if (second > 0) {
         const Trial& t2 = s_.run(plan_of(second));
-        if (t2.too_slow) {
+        if (t2.too_slow || t2.error) {
           res.best = best;
           return res;
         }
@@ -171,7 +172,7 @@ class ModelSearch {
       int64_t predicted = largest_fitting(mbs_, a, b, usable);
       if (predicted > lo_fit && (hi_fail == 0 || predicted < hi_fail)) {
         const Trial& t3 = s_.run(plan_of(predicted));
-        if (t3.too_slow) {
+        if (t3.too_slow || t3.error) {
           res.best = best;
           return res;
         }
@@ -191,7 +192,7 @@ class ModelSearch {
       if (between.empty() || (hi_fail == 0 && lo_fit > 0)) break;
       const int64_t mid = between[(between.size() - 1) / 2];
       const Trial& t = s_.run(plan_of(mid));
-      if (t.too_slow) break;
+      if (t.too_slow || t.error) break;
       if (t.fits) {
         lo_fit = mid;
         best = t;

@@ -51,9 +51,10 @@ void print_trials(const std::vector<Trial>& trials) {
                "reason");
   int i = 0;
   for (const auto& t : trials)
-    spdlog::info("{:>3}  {:<48} {:>5} {:>12} {:>10.0f}  {}", ++i, t.plan.describe(),
-                 t.fits ? "yes" : (t.oom ? "OOM" : (t.too_slow ? "slow" : "no")),
-                 t.peak_bytes ? format_bytes(t.peak_bytes) : "-", t.tokens_per_s, t.reason);
+    spdlog::info(
+        "{:>3}  {:<48} {:>5} {:>12} {:>10.0f}  {}", ++i, t.plan.describe(),
+        t.fits ? "yes" : (t.oom ? "OOM" : (t.too_slow ? "slow" : (t.error ? "error" : "no"))),
+        t.peak_bytes ? format_bytes(t.peak_bytes) : "-", t.tokens_per_s, t.reason);
 }
 
 // Saves unless the store is unwritable; then warns (or fails with --require-profile-save).
@@ -182,9 +183,10 @@ int tune_command(const RunSpec& spec_in) {
                  format_bytes(req.budget_bytes), format_bytes(req.usable_bytes), global_batch,
                  spec.search);
     TunerResult r = tune(w, req, ctx.meter(), [](const Trial& t) {
-      spdlog::info("trial {:<48} {:>4} peak {:>11} {:>8.0f} tok/s  {:.1f}s", t.plan.describe(),
-                   t.fits ? "fits" : (t.oom ? "OOM" : (t.too_slow ? "slow" : "no")),
-                   t.peak_bytes ? format_bytes(t.peak_bytes) : "-", t.tokens_per_s, t.wall_s);
+      spdlog::info(
+          "trial {:<48} {:>4} peak {:>11} {:>8.0f} tok/s  {:.1f}s", t.plan.describe(),
+          t.fits ? "fits" : (t.oom ? "OOM" : (t.too_slow ? "slow" : (t.error ? "error" : "no"))),
+          t.peak_bytes ? format_bytes(t.peak_bytes) : "-", t.tokens_per_s, t.wall_s);
     });
     trials = r.trials;
     print_trials(trials);

@@ -72,6 +72,7 @@ class GptWorkload : public Workload {
   // Safe to call from another thread (a memory monitor) while batches are being built, but not
   // while set_data_options runs.
   DataStats data_stats() const;
+  nlohmann::json data_report() const override;
 
   std::string kind() const override { return "gpt"; }
   std::string model_name() const override { return config_.name; }

@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -34,6 +35,8 @@ struct MemoryMonitorOptions {
   double warn_fraction = 0.9;
   bool keep_history = false;  // keep every PhasePeak (tests, probes)
   bool log_summary = true;    // the end-of-run peak line (off for probe trials)
+  // Workload::data_report(), appended to the memory line (cache hits, bytes in use, prefetch).
+  std::function<nlohmann::json()> data_report;
 };
 
 class MemoryMonitor : public TrainObserver {

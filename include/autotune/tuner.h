@@ -32,6 +32,7 @@ struct Trial {
   double wall_s = 0;
   int64_t steps_run = 0;
   bool too_slow = false;  // stopped early: proven below ProbeOptions::stop_below_tokens_per_s
+  bool error = false;     // failed for a reason other than memory (unsupported op, bad data)
   std::string reason;     // why rejected, or "fits"
 };
 void to_json(nlohmann::json& j, const Trial& t);
@@ -40,6 +41,10 @@ void from_json(const nlohmann::json& j, Trial& t);
 struct ProbeOptions {
   uint64_t usable_bytes = 0;  // budget - margin: a plan fits when its peak is at most this
   int64_t measured_steps = 2;
+  // A fitting trial whose measured steps took less than this is timed again, for at least this
+  // long, without the memory monitor: steps of 0.1 s vary by +-20% on a shared 2-core VM, enough
+  // to rank a slower plan first (like google/benchmark's minimum time).
+  double min_measure_s = 1.0;
   uint64_t seed = 1337;
   torch::Device device = torch::kCPU;
   // A trial still running when it has taken longer than its tokens need at this rate is stopped

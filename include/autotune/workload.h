@@ -83,6 +83,11 @@ class Workload {
   virtual Batch val_batch(int64_t first, int64_t count, const Plan& plan, torch::Device device) = 0;
 
   virtual EstimateTerms estimate_terms(const Plan& plan) const = 0;
+
+  // Data path counters for the monitor and the summary: read_mode, cache_hits, cache_misses,
+  // cache_hit_rate, cache_bytes_in_use, cache_capacity_bytes, prefetch_batches, prefetch_hits,
+  // prefetch_misses, prefetch_hit_rate. null when the workload has no such data path.
+  virtual nlohmann::json data_report() const { return nullptr; }
 };
 
 }  // namespace autotune

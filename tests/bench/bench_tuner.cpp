@@ -33,6 +33,16 @@ std::vector<std::string> split(const std::string& s) {
   return out;
 }
 
+// RssAnon / RssFile of this process in MiB, to tell heap growth from mapped-file pages.
+std::string rss_parts() {
+  std::ifstream f("/proc/self/status");
+  std::string line, out;
+  while (std::getline(f, line))
+    if (line.rfind("RssAnon:", 0) == 0 || line.rfind("RssFile:", 0) == 0)
+      out += line.substr(0, 8) + std::to_string(std::stoll(line.substr(8)) / 1024) + " ";
+  return out;
+}
+
 std::unique_ptr<Workload> make(const std::string& name, const std::string& data) {
   if (name.rfind("lstm", 0) == 0) return std::make_unique<LstmWorkload>(load_lstm_config(name), 1);
   return std::make_unique<GptWorkload>(load_gpt_config(name), TokenFile::open(data), 1);
@@ -57,8 +67,8 @@ int main(int argc, char** argv) {
   }
   MemoryMeter meter(torch::kCPU);
   nlohmann::json report = nlohmann::json::array();
-  std::printf("%-10s %-7s %-6s %6s %8s %-44s %8s %9s\n", "workload", "budget", "search", "trials",
-              "seconds", "plan", "oracle", "peak/bdg");
+  std::printf("%-10s %-7s %-6s %6s %8s %-44s %8s %9s %9s\n", "workload", "budget", "search",
+              "trials", "seconds", "plan", "oracle", "peak/bdg", "base MiB");
   for (const auto& name : split(models)) {
     auto w = make(name, data);
     // ---- the oracle grid, measured without a cap ----
@@ -115,7 +125,13 @@ int main(int argc, char** argv) {
       for (const auto& t : grid)
         if (t.fits && t.peak_bytes <= usable) oracle = std::max(oracle, t.tokens_per_s);
       for (const std::string search : {"model", "power", "halve"}) {
+        // Each strategy starts from the same process state: the previous full run's freed heap
+        // goes back to the kernel (as every trial does), or the baseline would creep by 30-70 MiB.
+        meter.release_cache();
         meter.remeasure_baseline();
+        std::fprintf(stderr, "before %s %s: baseline %.1f MiB, %s, tensors %.1f MiB\n",
+                     label.c_str(), search.c_str(), meter.baseline_bytes() / kMiB,
+                     rss_parts().c_str(), cpu_alloc::current_bytes() / kMiB);
         TunerRequest r;
         r.global_batch = global_batch;
         r.budget_bytes = budget;
@@ -130,6 +146,8 @@ int main(int argc, char** argv) {
                               {"budget_bytes", budget},
                               {"search", search},
                               {"trials", res.trials.size()},
+                              {"baseline_bytes", meter.baseline_bytes()},
+                              {"trial_log", res.trials},
                               {"seconds", res.probe_seconds},
                               {"oracle_tokens_per_s", oracle}};
         std::string plan = "infeasible";
@@ -155,9 +173,9 @@ int main(int argc, char** argv) {
           row["peak_over_budget"] = use;
         }
         cpu_alloc::set_cap(std::nullopt);
-        std::printf("%-10s %-7s %-6s %6zu %8.1f %-44s %8.3f %9.3f\n", name.c_str(), label.c_str(),
-                    search.c_str(), res.trials.size(), res.probe_seconds, plan.c_str(), quality,
-                    use);
+        std::printf("%-10s %-7s %-6s %6zu %8.1f %-44s %8.3f %9.3f %9.1f\n", name.c_str(),
+                    label.c_str(), search.c_str(), res.trials.size(), res.probe_seconds,
+                    plan.c_str(), quality, use, meter.baseline_bytes() / kMiB);
         std::fflush(stdout);
         report.push_back(row);
       }
