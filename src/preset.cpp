@@ -22,11 +22,12 @@ Preset preset_from_json(const nlohmann::json& j, const std::string& origin) {
     if (!known.count(it.key())) throw bad(it.key(), "is unknown");
   if (!j.contains("schema") || !j["schema"].is_number_integer() || j["schema"].get<int>() != 1)
     throw bad("schema", "must be 1");
-  if (j.value("kind", "") != "preset") throw bad("kind", "must be \"preset\"");
   auto str = [&](const char* f) {
     if (!j.contains(f) || !j[f].is_string()) throw bad(f, "must be a string");
     return j[f].get<std::string>();
   };
+  // str(), not j.value(): value() throws json's type_error for a non-string (found by fuzzing).
+  if (str("kind") != "preset") throw bad("kind", "must be \"preset\"");
   auto integer = [&](const char* f, int64_t lo, int64_t hi) {
     if (!j.contains(f) || !j[f].is_number_integer()) throw bad(f, "must be an integer");
     int64_t v = j[f].get<int64_t>();

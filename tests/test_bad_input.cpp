@@ -53,6 +53,8 @@ std::string fixture_dir() {
                    R"({"schema":1,"kind":"preset","name":"x","mode":"sideways","start":"small",)"
                    R"("max_micro_batch":0,"precisions":["fp32"],"checkpointing":"auto",)"
                    R"("eval_batch":0,"margin_percent":5,"monitor_every_steps":10})");
+    // Found by scripts/fuzz: a field of the wrong JSON type escaped as json's type_error.
+    tu::write_file(d + "/preset-type.json", R"({"schema":1,"kind":["fp32","marg"],"name":"x"})");
     tu::write_file(d + "/file", "not a directory");
     return d;
   }();
@@ -98,6 +100,10 @@ std::vector<Case> cases() {
        {"probe", "--data", data, "--budget", "1G", "--preset", d + "/preset-field.json"},
        2,
        "'mode'"},
+      {"preset field of the wrong type",
+       {"probe", "--data", data, "--budget", "1G", "--preset", d + "/preset-type.json"},
+       2,
+       "'kind' must be a string"},
       {"unknown preset",
        {"probe", "--data", data, "--budget", "1G", "--preset", "turbo"},
        2,
