@@ -721,6 +721,7 @@ RssRun rss_over_long_read(const std::string& path, const DataOptions& o) {
 }  // namespace
 
 TEST_F(BigTokenFile, PreadKeepsResidentMemoryFlatOverTenThousandWindows) {
+  AUTOTUNE_SKIP_UNDER_ASAN();
   const uint64_t file_bytes = fs::file_size(path());
   ASSERT_GT(file_bytes, 64ull << 20);
   const uint64_t cache_cap = 2ull << 20;  // a cap far below the file

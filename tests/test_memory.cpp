@@ -371,6 +371,7 @@ void expect_figure_follows_touched_tensor(MemoryMeter& meter) {
 }
 
 TEST(MemoryMeterCpu, BudgetFigureFollowsATouchedTensorThroughVmHWM) {
+  AUTOTUNE_SKIP_UNDER_ASAN();
   MemoryMeter meter(torch::kCPU);
   EXPECT_FALSE(meter.is_accelerator());
   EXPECT_TRUE(cpu_alloc::installed());
@@ -380,6 +381,7 @@ TEST(MemoryMeterCpu, BudgetFigureFollowsATouchedTensorThroughVmHWM) {
 }
 
 TEST(MemoryMeterCpu, BudgetFigureFallbackWithoutVmHWMReset) {
+  AUTOTUNE_SKIP_UNDER_ASAN();
   ASSERT_EQ(setenv("AUTOTUNE_NO_PEAK_RSS_RESET", "1", 1), 0);
   MemoryMeter meter(torch::kCPU);
   unsetenv("AUTOTUNE_NO_PEAK_RSS_RESET");
@@ -402,6 +404,7 @@ TEST(MemoryMeterCpu, BaselineIsRssLessTensorBytes) {
 // glibc alone would keep freed mid-size blocks (under its dynamic mmap threshold, up to 32 MiB)
 // in the heap; install() pins the threshold so RSS drops with the tensors.
 TEST(MemoryMeterCpu, RssFollowsFreedMidSizeTensors) {
+  AUTOTUNE_SKIP_UNDER_ASAN();
   MemoryMeter meter(torch::kCPU);
   { auto raise_threshold = torch::ones({16 * kMiB / 4}); }  // would lift a dynamic threshold
   std::vector<torch::Tensor> held;

@@ -4,6 +4,15 @@
 #include <string>
 #include <vector>
 
+// AddressSanitizer replaces glibc's allocator (quarantine, redzones, shadow memory), so resident
+// memory no longer follows tensor bytes: tests of RSS behaviour, and budgets compared against
+// RSS, skip themselves in scripts/sanitize builds.
+#if defined(__SANITIZE_ADDRESS__)
+#define AUTOTUNE_SKIP_UNDER_ASAN() GTEST_SKIP() << "RSS behaviour differs under AddressSanitizer"
+#else
+#define AUTOTUNE_SKIP_UNDER_ASAN() (void)0
+#endif
+
 namespace autotune::testing {
 
 // A fresh directory under the build tree, removed at the end of the process.

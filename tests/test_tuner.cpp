@@ -91,6 +91,7 @@ TEST(Tuner, SmallerBudgetUsesLessMemoryLargerIsNotSlower) {
 }
 
 TEST(Tuner, PinsAreRespectedAndShrinkNeedsConsent) {
+  AUTOTUNE_SKIP_UNDER_ASAN();
   Fixture f;
   auto req = f.request(120 * kMiB);
   req.precision = Precision::bf16;
@@ -140,6 +141,7 @@ TEST(Tuner, ShrinkSeqOnlyWithConsentAndSaysSo) {
 }
 
 TEST(Tuner, OomInATrialIsSurvivedAndRecorded) {
+  AUTOTUNE_SKIP_UNDER_ASAN();
   Fixture f;
   auto req = f.request(30 * kMiB);
   Plan huge;
@@ -176,6 +178,7 @@ TEST(Tuner, TrialThatRanNoStepIsAnError) {
 }
 
 TEST(Tuner, TrialBelowTheStopRateIsStoppedEarlyAndNeverFits) {
+  AUTOTUNE_SKIP_UNDER_ASAN();
   Fixture f;
   auto req = f.request(200 * kMiB);
   Plan p;
@@ -199,6 +202,7 @@ TEST(Tuner, TrialBelowTheStopRateIsStoppedEarlyAndNeverFits) {
 }
 
 TEST(Tuner, APrecisionThatFailsIsTriedOnceThenAbandoned) {
+  AUTOTUNE_SKIP_UNDER_ASAN();
   // Like LibTorch's bf16 LSTM on a CPU without AVX512-BF16 ("could not create a primitive
   // descriptor"): every bf16 plan fails whatever its micro-batch.
   struct NoBf16 : GptWorkload {
@@ -228,6 +232,7 @@ TEST(Tuner, APrecisionThatFailsIsTriedOnceThenAbandoned) {
 }
 
 TEST(Tuner, ModelSearchNeedsFewerTrialsThanPower) {
+  AUTOTUNE_SKIP_UNDER_ASAN();
   Fixture f;
   auto req = f.request(100 * kMiB, "model");
   req.precision = Precision::fp32;  // power and halve search micro-batch only
@@ -246,6 +251,7 @@ TEST(Tuner, ModelSearchNeedsFewerTrialsThanPower) {
 }
 
 TEST(Tuner, LstmIsTunedByTheSameCode) {
+  AUTOTUNE_SKIP_UNDER_ASAN();
   Fixture f;
   LstmWorkload lstm(load_lstm_config("lstm-small"), 1);
   auto req = f.request(60 * kMiB);
