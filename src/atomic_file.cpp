@@ -59,23 +59,27 @@ void atomic_write_with(const std::string& path,
   fsync_path(parent_of(path), true);
 }
 
+int write_all(int fd, const void* data, size_t n) {
+  const char* p = static_cast<const char*>(data);
+  for (size_t done = 0; done < n;) {
+    const ssize_t w = ::write(fd, p + done, n - done);
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0) return errno;
+    done += static_cast<size_t>(w);
+  }
+  return 0;
+}
+
 void atomic_write(const std::string& path, const std::string& bytes) {
   atomic_write_with(path, [&](const std::string& tmp) {
     int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (fd < 0)
       throw RuntimeError("cannot create " + tmp + ": " + std::strerror(errno) + "; check that " +
                          parent_of(path) + " exists and is writable");
-    size_t done = 0;
-    while (done < bytes.size()) {
-      ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0) {
-        int err = errno;
-        ::close(fd);
-        throw RuntimeError("cannot write " + path + ": " + std::strerror(err) +
-                           (err == ENOSPC ? "; free disk space" : ""));
-      }
-      done += static_cast<size_t>(n);
+    if (const int err = write_all(fd, bytes.data(), bytes.size()); err != 0) {
+      ::close(fd);
+      throw RuntimeError("cannot write " + path + ": " + std::strerror(err) +
+                         (err == ENOSPC ? "; free disk space" : ""));
     }
     if (::close(fd) != 0) throw RuntimeError("cannot write " + path + ": " + std::strerror(errno));
   });

@@ -58,15 +58,7 @@ void write_archive(torch::serialize::OutputArchive& archive, const std::string& 
   int error = 0;
   try {
     archive.save_to([&](const void* data, size_t n) -> size_t {
-      const char* p = static_cast<const char*>(data);
-      for (size_t done = 0; error == 0 && done < n;) {
-        const ssize_t w = ::write(fd, p + done, n - done);
-        if (w < 0 && errno == EINTR) continue;
-        if (w < 0)
-          error = errno;
-        else
-          done += static_cast<size_t>(w);
-      }
+      if (error == 0) error = write_all(fd, data, n);
       return n;
     });
   } catch (...) {

@@ -146,16 +146,9 @@ RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r) {
   }
   if (r.count("mode")) {
     auto m = r["mode"].as<std::string>();
-    if (m == "auto")
-      s.mode = Mode::auto_;
-    else if (m == "normal")
-      s.mode = Mode::normal;
-    else if (m == "low")
-      s.mode = Mode::low;
-    else if (m == "ultra-low")
-      s.mode = Mode::ultra_low;
-    else
-      throw UsageError("invalid --mode '" + m + "': use auto, normal, low or ultra-low");
+    const auto mode = parse_mode(m);
+    if (!mode) throw UsageError("invalid --mode '" + m + "': use auto, normal, low or ultra-low");
+    s.mode = *mode;
   }
   if (s.search != "model" && s.search != "power" && s.search != "halve")
     throw UsageError("invalid --search '" + s.search + "': use model, power or halve");

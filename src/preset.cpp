@@ -38,17 +38,9 @@ Preset preset_from_json(const nlohmann::json& j, const std::string& origin) {
   Preset p;
   p.name = str("name");
   p.description = j.contains("description") ? str("description") : "";
-  const std::string mode = str("mode");
-  if (mode == "auto")
-    p.mode = Mode::auto_;
-  else if (mode == "normal")
-    p.mode = Mode::normal;
-  else if (mode == "low")
-    p.mode = Mode::low;
-  else if (mode == "ultra-low")
-    p.mode = Mode::ultra_low;
-  else
-    throw bad("mode", "must be auto, normal, low or ultra-low");
+  const auto mode = parse_mode(str("mode"));
+  if (!mode) throw bad("mode", "must be auto, normal, low or ultra-low");
+  p.mode = *mode;
   const std::string start = str("start");
   if (start != "small" && start != "estimate") throw bad("start", "must be small or estimate");
   p.start_small = start == "small";

@@ -179,22 +179,24 @@ class StoreLock {
 };
 }  // namespace
 
-void ProfileStore::save(const Profile& profile, const std::string& path) const {
+namespace {
+void create_store_dir(const std::string& dir) {
   std::error_code ec;
-  fs::create_directories(dir_, ec);
+  fs::create_directories(dir, ec);
   if (ec)
-    throw RuntimeError("cannot create the profile store " + dir_ + ": " + ec.message() +
+    throw RuntimeError("cannot create the profile store " + dir + ": " + ec.message() +
                        "; use a writable --profile-dir");
+}
+}  // namespace
+
+void ProfileStore::save(const Profile& profile, const std::string& path) const {
+  create_store_dir(dir_);
   StoreLock lock(dir_);
   atomic_write(path, profile.to_json().dump(2) + "\n");
 }
 
 void ProfileStore::check_writable() const {
-  std::error_code ec;
-  fs::create_directories(dir_, ec);
-  if (ec)
-    throw RuntimeError("cannot create the profile store " + dir_ + ": " + ec.message() +
-                       "; use a writable --profile-dir");
+  create_store_dir(dir_);
   StoreLock lock(dir_);
 }
 

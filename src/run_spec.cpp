@@ -20,6 +20,12 @@ std::string to_string(Mode m) {
   return "?";
 }
 
+std::optional<Mode> parse_mode(const std::string& s) {
+  for (Mode m : {Mode::auto_, Mode::normal, Mode::low, Mode::ultra_low})
+    if (s == to_string(m)) return m;
+  return std::nullopt;
+}
+
 torch::Device resolve_device(const std::string& name) {
   if (name == "auto") {
     auto acc = at::accelerator::getAccelerator(false);

@@ -160,17 +160,7 @@ TEST(Recovery, SigtermCheckpointsAndResumeFinishes) {
                                    "--eval-sequences",
                                    "4",
                                    "--json"};
-  pid_t pid = fork();
-  if (pid == 0) {
-    std::vector<char*> argv = {const_cast<char*>(AUTOTUNE_BIN)};
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    int devnull = ::open("/dev/null", O_WRONLY);
-    dup2(devnull, 1);
-    dup2(devnull, 2);
-    execv(AUTOTUNE_BIN, argv.data());
-    _exit(127);
-  }
+  const pid_t pid = tu::start_autotune(args);
   std::this_thread::sleep_for(std::chrono::seconds(4));
   kill(pid, SIGTERM);
   int status = 0;
@@ -214,17 +204,7 @@ TEST(Recovery, KillNineAtRandomMomentsAlwaysResumes) {
   for (int round = 0; round < 12; ++round) {
     auto a = args;
     if (!list_checkpoints(dir).empty()) a.push_back("--resume");
-    pid_t pid = fork();
-    if (pid == 0) {
-      std::vector<char*> argv = {const_cast<char*>(AUTOTUNE_BIN)};
-      for (auto& s : a) argv.push_back(s.data());
-      argv.push_back(nullptr);
-      int devnull = ::open("/dev/null", O_WRONLY);
-      dup2(devnull, 1);
-      dup2(devnull, 2);
-      execv(AUTOTUNE_BIN, argv.data());
-      _exit(127);
-    }
+    const pid_t pid = tu::start_autotune(a);
     // Somewhere between start-up and a few steps in (checkpoints are written every step).
     std::this_thread::sleep_for(std::chrono::milliseconds(700 + rng() % 1500));
     kill(pid, SIGKILL);

@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -38,10 +39,10 @@ std::string read_file(const std::string& path) {
   return ss.str();
 }
 
-ProcessResult run_autotune(const std::vector<std::string>& args,
-                           const std::vector<std::string>& env) {
-  std::string dir = temp_dir("proc");
-  std::string out_path = dir + "/out", err_path = dir + "/err";
+namespace {
+// Starts the real binary with stdin from /dev/null and stdout/stderr to the given files.
+pid_t spawn_autotune(const std::vector<std::string>& args, const std::vector<std::string>& env,
+                     const std::string& out_path, const std::string& err_path) {
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
   posix_spawn_file_actions_addopen(&fa, 1, out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
@@ -62,6 +63,19 @@ ProcessResult run_autotune(const std::vector<std::string>& args,
   int rc = posix_spawn(&pid, AUTOTUNE_BIN, &fa, nullptr, argv.data(), envp.data());
   posix_spawn_file_actions_destroy(&fa);
   if (rc != 0) throw std::runtime_error("cannot start " AUTOTUNE_BIN);
+  return pid;
+}
+}  // namespace
+
+pid_t start_autotune(const std::vector<std::string>& args) {
+  return spawn_autotune(args, {}, "/dev/null", "/dev/null");
+}
+
+ProcessResult run_autotune(const std::vector<std::string>& args,
+                           const std::vector<std::string>& env) {
+  std::string dir = temp_dir("proc");
+  std::string out_path = dir + "/out", err_path = dir + "/err";
+  const pid_t pid = spawn_autotune(args, env, out_path, err_path);
   int status = 0;
   waitpid(pid, &status, 0);
   ProcessResult r;
@@ -82,6 +96,14 @@ std::string corpus_path() {
     if (r.exit_code != 0) throw std::runtime_error("cannot prepare the default corpus: " + r.err);
   });
   return path;
+}
+
+std::vector<std::string> list_dir(const std::string& dir) {
+  std::vector<std::string> names;
+  for (const auto& e : std::filesystem::directory_iterator(dir))
+    names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
 }
 
 }  // namespace autotune::testing

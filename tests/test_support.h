@@ -1,6 +1,10 @@
 // Shared helpers for the test executables: temp dirs, running the real autotune binary, the
 // default corpus.
 #pragma once
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/types.h>
+
 #include <string>
 #include <vector>
 
@@ -27,6 +31,10 @@ struct ProcessResult {
 ProcessResult run_autotune(const std::vector<std::string>& args,
                            const std::vector<std::string>& env = {});
 
+// Starts the real executable with `args` (output discarded) and returns its pid without waiting:
+// for tests that signal or kill it.
+pid_t start_autotune(const std::vector<std::string>& args);
+
 // The default corpus token file prepared by scripts/setup (data/corpus.tok in the source tree);
 // prepared on demand from the fortunes texts if missing.
 std::string corpus_path();
@@ -34,5 +42,36 @@ std::string corpus_path();
 // Writes bytes to a file (for fixtures).
 void write_file(const std::string& path, const std::string& bytes);
 std::string read_file(const std::string& path);
+// File names in dir (not recursive), sorted.
+std::vector<std::string> list_dir(const std::string& dir);
+
+// Lowers the soft file-size limit (RLIMIT_FSIZE) for the scope, so writes past `bytes` fail
+// with EFBIG the way they fail with ENOSPC on a full disk. With ignore_sigxfsz the process ignores
+// SIGXFSZ meanwhile (in-process writers); without it, only children that ignore it themselves
+// survive the limit (tests of the real binary, which inherits the limit).
+class FileSizeLimit {
+ public:
+  explicit FileSizeLimit(rlim_t bytes, bool ignore_sigxfsz = true) {
+    ::getrlimit(RLIMIT_FSIZE, &old_);
+    if (ignore_sigxfsz) old_handler_ = ::signal(SIGXFSZ, SIG_IGN);
+    restore_handler_ = ignore_sigxfsz;
+    struct rlimit small = old_;
+    small.rlim_cur = bytes;
+    ok_ = ::setrlimit(RLIMIT_FSIZE, &small) == 0;
+  }
+  ~FileSizeLimit() {
+    ::setrlimit(RLIMIT_FSIZE, &old_);
+    if (restore_handler_) ::signal(SIGXFSZ, old_handler_);
+  }
+  FileSizeLimit(const FileSizeLimit&) = delete;
+  FileSizeLimit& operator=(const FileSizeLimit&) = delete;
+  bool ok() const { return ok_; }
+
+ private:
+  struct rlimit old_ {};
+  sighandler_t old_handler_ = SIG_DFL;
+  bool restore_handler_ = false;
+  bool ok_ = false;
+};
 
 }  // namespace autotune::testing

@@ -30,6 +30,8 @@ using autotune::Split;
 using autotune::TokenFile;
 using autotune::TokenFileHeader;
 using autotune::UsageError;
+using autotune::testing::FileSizeLimit;
+using autotune::testing::list_dir;
 using autotune::testing::read_file;
 using autotune::testing::temp_dir;
 using autotune::testing::write_file;
@@ -41,13 +43,6 @@ const ReadMode kModes[] = {ReadMode::mmap, ReadMode::pread};
 
 const char* mode_name(ReadMode m) {
   return m == ReadMode::mmap ? "mmap" : "pread";
-}
-
-std::vector<std::string> list_dir(const std::string& dir) {
-  std::vector<std::string> names;
-  for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
-  std::sort(names.begin(), names.end());
-  return names;
 }
 
 TokenFileHeader valid_header(uint64_t train, uint64_t val) {
@@ -330,23 +325,19 @@ TEST(TokenFile, PrepareWriteFailureKeepsTheOldOutputAndRemovesTheTempFile) {
 
   // A file-size limit makes the write fail half-way (EFBIG) like a full disk would.
   write_file(dir + "/big.txt", std::string(1 << 20, 'b'));
-  struct rlimit old_limit {};
-  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old_limit), 0);
-  auto old_handler = ::signal(SIGXFSZ, SIG_IGN);
-  struct rlimit small = old_limit;
-  small.rlim_cur = 64 * 1024;
-  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
   bool threw_runtime = false;
   std::string what;
-  try {
-    prepare_token_file({dir + "/big.txt"}, out);
-  } catch (const RuntimeError& e) {
-    threw_runtime = true;
-    what = e.what();
-  } catch (...) {
+  {
+    FileSizeLimit limit(64 * 1024);
+    ASSERT_TRUE(limit.ok());
+    try {
+      prepare_token_file({dir + "/big.txt"}, out);
+    } catch (const RuntimeError& e) {
+      threw_runtime = true;
+      what = e.what();
+    } catch (...) {
+    }
   }
-  ::setrlimit(RLIMIT_FSIZE, &old_limit);
-  ::signal(SIGXFSZ, old_handler);
 
   EXPECT_TRUE(threw_runtime) << "a failed write must throw RuntimeError";
   EXPECT_NE(what.find("cannot write"), std::string::npos) << what;

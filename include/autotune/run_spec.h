@@ -14,6 +14,8 @@ namespace autotune {
 
 enum class Mode { auto_, normal, low, ultra_low };
 std::string to_string(Mode m);
+// The inverse of to_string; nullopt for anything else (callers name their flag or field).
+std::optional<Mode> parse_mode(const std::string& s);
 
 struct RunSpec {
   std::string command = "run";          // run | probe | train | estimate
