@@ -10,17 +10,6 @@
 
 namespace autotune {
 
-namespace {
-// splitmix64: a cheap, well-mixed hash, so a window's position depends only on its coordinates.
-uint64_t mix(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
-constexpr uint64_t kValStream = 0x5a17ULL << 40;  // keeps validation windows apart from steps
-}  // namespace
-
 GptWorkload::GptWorkload(GptConfig config, std::shared_ptr<TokenFile> data, uint64_t seed)
     : config_(std::move(config)), data_(std::move(data)), seed_(seed) {
   config_.validate();
@@ -172,7 +161,7 @@ torch::Tensor GptWorkload::fill(Split split, uint64_t stream, int64_t first, int
     if (cancel != nullptr && cancel->load(std::memory_order_relaxed)) return torch::Tensor();
     // The position depends on (seed, stream, index) only: never on how a step is split into
     // micro-batches, nor on the read path below.
-    const uint64_t h = mix(seed_ ^ mix(stream ^ mix(static_cast<uint64_t>(first + i))));
+    const uint64_t h = sample_hash(seed_, stream, first + i);
     const uint64_t offset = h % n_starts;
     int64_t* window = out + i * (T + 1);
     if (cache_) {
@@ -205,7 +194,8 @@ Batch GptWorkload::train_batch(int64_t step, int64_t first, int64_t count, const
 Batch GptWorkload::val_batch(int64_t first, int64_t count, const Plan& plan, torch::Device device) {
   // Not prefetched: evaluation is rare and short. The cache is where its windows, the same at
   // every evaluation, are served again.
-  return to_batch(fill(Split::val, kValStream, first, count, seq_len(plan), nullptr), device);
+  return to_batch(fill(Split::val, kValidationStream, first, count, seq_len(plan), nullptr),
+                  device);
 }
 
 EstimateTerms GptWorkload::estimate_terms(const Plan& plan) const {

@@ -41,13 +41,6 @@ LstmConfig load_lstm_config(const std::string& preset) {
 }
 
 namespace {
-uint64_t mix(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
-
 // [B, T, channels] -> [B, T, outputs] through a stacked LSTM and a linear head.
 class LstmRegressor : public TrainableModel {
  public:
@@ -67,13 +60,12 @@ class LstmRegressor : public TrainableModel {
   torch::nn::LSTM lstm_{nullptr};
   torch::nn::Linear head_{nullptr};
 };
-constexpr uint64_t kValStream = 0x5a17ULL << 40;
 }  // namespace
 
 LstmWorkload::LstmWorkload(LstmConfig config, uint64_t seed)
     : config_(std::move(config)), seed_(seed) {
   config_.validate();
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(mix(seed_));
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(splitmix64(seed_));
   mixing_ = torch::randn({config_.outputs, config_.channels}, gen);
 }
 
@@ -102,9 +94,9 @@ Batch LstmWorkload::windows(uint64_t stream, int64_t first, int64_t count, const
   auto angles = torch::empty({count, T, K});
   auto a = angles.accessor<float, 3>();
   for (int64_t i = 0; i < count; ++i) {
-    const uint64_t h = mix(seed_ ^ mix(stream ^ mix(static_cast<uint64_t>(first + i))));
+    const uint64_t h = sample_hash(seed_, stream, first + i);
     for (int64_t k = 0; k < K; ++k) {
-      const uint64_t hk = mix(h + static_cast<uint64_t>(k));
+      const uint64_t hk = splitmix64(h + static_cast<uint64_t>(k));
       const double f1 = 0.01 + 0.05 * static_cast<double>(hk & 0xffff) / 65535.0;
       const double f2 = 0.02 + 0.08 * static_cast<double>((hk >> 16) & 0xffff) / 65535.0;
       const double p1 = 6.283 * static_cast<double>((hk >> 32) & 0xffff) / 65535.0;
@@ -115,7 +107,7 @@ Batch LstmWorkload::windows(uint64_t stream, int64_t first, int64_t count, const
   }
   // Signal: velocities mixed into channels, plus a little deterministic noise.
   auto velocity = torch::cat({torch::zeros({count, 1, K}), angles.diff(1, 1)}, 1) * 10.0;
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(mix(seed_ ^ stream ^ (first * 7919)));
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(splitmix64(seed_ ^ stream ^ (first * 7919)));
   auto signal =
       torch::matmul(velocity, mixing_) + 0.05 * torch::randn({count, T, config_.channels}, gen);
   return {signal.to(device), angles.to(device)};
@@ -128,7 +120,7 @@ Batch LstmWorkload::train_batch(int64_t step, int64_t first, int64_t count, cons
 
 Batch LstmWorkload::val_batch(int64_t first, int64_t count, const Plan& plan,
                               torch::Device device) {
-  return windows(kValStream, first, count, plan, device);
+  return windows(kValidationStream, first, count, plan, device);
 }
 
 EstimateTerms LstmWorkload::estimate_terms(const Plan& plan) const {
@@ -140,14 +132,19 @@ EstimateTerms LstmWorkload::estimate_terms(const Plan& plan) const {
   const double h4 = 4 * Hd;
   e.n_params =
       static_cast<int64_t>(h4 * (C + Hd + 2) + (L - 1) * h4 * (Hd + Hd + 2) + K * (Hd + 1));
-  // Per layer and time step the LSTM keeps its 4 gates, cell and hidden state for backward
-  // (6H values), plus the layer's input.
-  e.terms.push_back({"activations", B * T * L * (6 * Hd + Hd) * bytes});
+  // Fitted once to the counting allocator's peaks (fp32; lstm-small and lstm-medium at
+  // micro-batch 4 and 16, tests/test_estimator.cpp): oneDNN's LSTM keeps ~18 H values per
+  // sample, time step and layer for backward (4 gates, cell and hidden state, its workspace and
+  // each layer's output), and a copy of the weights in its own layout (4P).
+  const double saved = B * T * L * 18 * Hd * bytes;
+  const double weight_layouts = 4 * static_cast<double>(e.n_params);
+  e.terms.push_back({"activations", saved});
+  e.terms.push_back({"oneDNN weight layouts", weight_layouts});
   e.terms.push_back({"batch", B * T * (C + K) * 4 * 2});
   e.terms.push_back({"head", B * T * K * 4 * 3});
-  // Backward through time keeps the gate gradients of one layer ([B, T, 4H]) beside the saved
-  // tensors of the layer below.
-  e.backward_tail_bytes = B * T * (6 * Hd + Hd) * bytes + B * T * 4 * Hd * 4;
+  // Backward through time keeps everything saved plus the gate gradients of one layer
+  // ([B, T, 4H] fp32) until the gradients reach the first layer.
+  e.backward_tail_bytes = saved + weight_layouts + B * T * 4 * Hd * 4;
   if (plan.precision != Precision::fp32)
     e.weight_copy_bytes = 2.0 * static_cast<double>(e.n_params);
   return e;

@@ -2,6 +2,9 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <vector>
+
+#include <ATen/DeviceAccelerator.h>
 
 #include <spdlog/spdlog.h>
 
@@ -22,6 +25,7 @@ void to_json(nlohmann::json& j, const Trial& t) {
        {"steps_run", t.steps_run},
        {"too_slow", t.too_slow},
        {"error", t.error},
+       {"timings", t.timings},
        {"reason", t.reason}};
 }
 
@@ -36,6 +40,7 @@ void from_json(const nlohmann::json& j, Trial& t) {
   t.steps_run = j.value("steps_run", int64_t{0});
   t.too_slow = j.value("too_slow", false);
   t.error = j.value("error", false);
+  t.timings = j.value("timings", 1);
   t.reason = j.value("reason", std::string());
 }
 
@@ -47,7 +52,7 @@ struct TrialTooSlow {};
 // stops the trial once its wall time exceeds what all its tokens would take at the stop rate.
 struct StepTimer : TrainObserver {
   double measured_s = 0;
-  int64_t measured_tokens = 0;
+  std::vector<double> step_s;  // each measured step
   int64_t steps = 0;
   int64_t tokens_per_step = 0;
   double deadline_s = 0;  // 0: none
@@ -56,7 +61,16 @@ struct StepTimer : TrainObserver {
     steps = s.step;
     if (s.step == 1) return;
     measured_s += s.step_ms / 1e3;
-    measured_tokens += tokens_per_step;
+    step_s.push_back(s.step_ms / 1e3);
+  }
+  // From the median step: a step slowed by another process on this 2-core VM moves the mean.
+  double tokens_per_s() const {
+    if (step_s.empty()) return 0;
+    std::vector<double> v = step_s;
+    const auto mid = (v.size() - 1) / 2;  // the lower median: noise only ever adds time
+    std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(mid), v.end());
+    const double median_s = v[mid];
+    return median_s > 0 ? static_cast<double>(tokens_per_step) / median_s : 0;
   }
   void on_phase_end(Phase, int64_t) override {
     if (deadline_s > 0 &&
@@ -66,6 +80,61 @@ struct StepTimer : TrainObserver {
   }
 };
 }  // namespace
+
+double matmul_speed_vs_fp32(torch::Device device, Precision precision) {
+  if (precision == Precision::fp32) return 1.0;
+  const c10::ScalarType low =
+      precision == Precision::bf16 ? c10::ScalarType::BFloat16 : c10::ScalarType::Half;
+  torch::NoGradGuard no_grad;
+  auto fastest_s = [&](c10::ScalarType dtype) {
+    // 33 MFLOP: ~0.5 ms in fp32 on 2 AVX2 cores, ~25 ms in bf16 there.
+    const auto options = torch::TensorOptions().device(device).dtype(dtype);
+    const torch::Tensor a = torch::randn({256, 256}, options),
+                        b = torch::randn({256, 256}, options);
+    double best = 1e30;
+    for (int i = 0; i < 6; ++i) {  // the first run pays kernel selection and packing
+      const auto t0 = std::chrono::steady_clock::now();
+      torch::Tensor c = a.mm(b);
+      if (!device.is_cpu()) at::accelerator::synchronizeDevice(device.index());
+      if (i > 0)
+        best = std::min(
+            best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    return best;
+  };
+  try {
+    return fastest_s(c10::ScalarType::Float) / fastest_s(low);
+  } catch (const c10::OutOfMemoryError&) {
+    return 1.0;  // a budget too small for 1 MiB of matrices: unknown, so the precision is probed
+  } catch (const std::exception&) {
+    return 0.0;  // no matmul kernel for this dtype on this device
+  }
+}
+
+double time_plan(Workload& workload, const Plan& plan, const ProbeOptions& opt, MemoryMeter& meter,
+                 double step_s) {
+  Plan probe_plan = plan;
+  probe_plan.grad_accum = std::min<int64_t>(plan.grad_accum, 2);  // as in the trial
+  TrainOptions to;
+  to.steps =
+      1 + std::clamp<int64_t>(
+              static_cast<int64_t>(std::ceil(opt.min_measure_s / std::max(step_s, 1e-6))), 1, 200);
+  to.warmup_steps = 1;
+  to.seed = opt.seed;
+  to.device = opt.device;
+  to.recover_oom = false;
+  to.eval_sequences = 0;
+  StepTimer timer;
+  timer.tokens_per_step = probe_plan.global_batch() * workload.tokens_per_sequence(plan);
+  double tokens_per_s = 0;
+  try {
+    train(workload, probe_plan, to, {&timer});
+    tokens_per_s = timer.tokens_per_s();
+  } catch (const c10::OutOfMemoryError&) {
+  }
+  meter.release_cache();
+  return tokens_per_s;
+}
 
 Trial run_trial(Workload& workload, const Plan& plan, const ProbeOptions& opt, MemoryMeter& meter) {
   Trial t;
@@ -117,8 +186,7 @@ Trial run_trial(Workload& workload, const Plan& plan, const ProbeOptions& opt, M
   t.phase_peaks = nlohmann::json::object();
   for (const auto& [phase, p] : monitor.phase_peaks())
     t.phase_peaks[to_string(phase)] = p.budget_bytes;
-  if (timer.measured_s > 0)
-    t.tokens_per_s = static_cast<double>(timer.measured_tokens) / timer.measured_s;
+  t.tokens_per_s = timer.tokens_per_s();
 
   if (t.too_slow) {
     char buf[160];
@@ -140,21 +208,9 @@ Trial run_trial(Workload& workload, const Plan& plan, const ProbeOptions& opt, M
   }
   if (t.fits && opt.min_measure_s > 0 && timer.measured_s > 0 &&
       timer.measured_s < opt.min_measure_s) {
-    const double step_s = timer.measured_s / static_cast<double>(opt.measured_steps);
-    TrainOptions more = to;
-    more.steps = 1 + std::clamp<int64_t>(
-                         static_cast<int64_t>(std::ceil(opt.min_measure_s / step_s)), 1, 200);
-    more.eval_sequences = 0;
-    StepTimer again;
-    again.tokens_per_step = timer.tokens_per_step;
-    try {
-      train(workload, probe_plan, more, {&again});
-      if (again.measured_s > 0)
-        t.tokens_per_s = static_cast<double>(again.measured_tokens) / again.measured_s;
-    } catch (const c10::OutOfMemoryError&) {
-      // Memory was measured above; keep the first timing.
-    }
-    meter.release_cache();
+    const double again = time_plan(workload, plan, opt, meter,
+                                   timer.measured_s / static_cast<double>(opt.measured_steps));
+    if (again > 0) t.tokens_per_s = again;  // else memory was measured above; keep the first
     t.wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
   return t;

@@ -1,5 +1,6 @@
 // `autotune run` and `autotune probe`: reuse a valid profile or probe, then (run) train with the
 // chosen plan and write the full run's peak back into the profile.
+#include <algorithm>
 #include <filesystem>
 #include <iostream>
 
@@ -162,6 +163,7 @@ int tune_command(const RunSpec& spec_in) {
 
   // ---- probe ----
   std::vector<Trial> trials;
+  nlohmann::json precision_speed = nlohmann::json::object();  // low precision: matmul x fp32
   if (!profile) {
     TunerRequest req;
     req.global_batch = global_batch;
@@ -189,6 +191,15 @@ int tune_command(const RunSpec& spec_in) {
           t.peak_bytes ? format_bytes(t.peak_bytes) : "-", t.tokens_per_s, t.wall_s);
     });
     trials = r.trials;
+    for (const auto& [prec, speed] : r.precision_speed)
+      spdlog::info("{} matmul runs at {:.3g}x fp32 speed on {}{}", to_string(prec), speed,
+                   ctx.device().str(),
+                   std::find(r.skipped_precisions.begin(), r.skipped_precisions.end(), prec) !=
+                           r.skipped_precisions.end()
+                       ? ": its plans were not probed (they cannot be faster); --precision " +
+                             to_string(prec) + " probes them"
+                       : "");
+    for (const auto& [prec, speed] : r.precision_speed) precision_speed[to_string(prec)] = speed;
     print_trials(trials);
     if (!r.plan) throw RuntimeError(r.infeasible_message);
     if (r.shrunk_task) spdlog::warn("THE TASK WAS CHANGED TO FIT: {}", r.shrink_note);
@@ -215,6 +226,7 @@ int tune_command(const RunSpec& spec_in) {
                            {"reason", t.reason},
                            {"oom", t.oom},
                            {"phase_peaks", t.phase_peaks},
+                           {"timings", t.timings},
                            {"wall_s", t.wall_s}});
 
   if (spec.command == "probe") {
@@ -226,6 +238,7 @@ int tune_command(const RunSpec& spec_in) {
                                   {"profile", path},
                                   {"reused_profile", reused},
                                   {"mode", to_string(mode.mode)},
+                                  {"precision_speed", precision_speed},
                                   {"task_changed", profile->task_changed}}
                        .dump(2)
                 << std::endl;
@@ -263,6 +276,7 @@ int tune_command(const RunSpec& spec_in) {
     j["reused_profile"] = reused;
     j["mode"] = to_string(mode.mode);
     j["task_changed"] = profile->task_changed;
+    j["precision_speed"] = precision_speed;
     j["within_budget"] = peak <= *ctx.budget_bytes();
     std::cout << j.dump(2) << std::endl;
   }

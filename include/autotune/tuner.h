@@ -4,11 +4,13 @@
 //   Prober  : one trial = a fresh model, 1 warm-up step + N measured steps (the first optimizer
 //             step, with its AdamW states, included) + one evaluation forward, under the budget's
 //             hard cap; OOM is caught by type and everything is released before the next trial.
-//   Search  : model (estimator ranks, two trials fit peak = a + b*micro_batch, predict, confirm),
+//   Search  : model (estimator ranks, predict the largest fitting micro-batch from the line
+//             peak = a + b*micro_batch, measure, correct the line with each measured peak, repeat),
 //             power (Lightning's BatchSizeFinder), halve (Accelerate's find_executable_batch_size).
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -33,6 +35,7 @@ struct Trial {
   int64_t steps_run = 0;
   bool too_slow = false;  // stopped early: proven below ProbeOptions::stop_below_tokens_per_s
   bool error = false;     // failed for a reason other than memory (unsupported op, bad data)
+  int timings = 1;        // tokens_per_s is the median of this many timings (finalists: 3)
   std::string reason;     // why rejected, or "fits"
 };
 void to_json(nlohmann::json& j, const Trial& t);
@@ -53,6 +56,17 @@ struct ProbeOptions {
   double stop_below_tokens_per_s = 0;
 };
 
+// Speed of a matmul in `precision` relative to fp32 on `device` (> 1: faster), the smallest time
+// of a few runs of [256, 256] @ [256, 256] each. A device-wide fact, not a trial: bf16 runs at
+// ~0.014x fp32 on an AVX2-only CPU and at 2-16x on AMX CPUs and tensor-core GPUs.
+double matmul_speed_vs_fp32(torch::Device device, Precision precision);
+
+// Times `plan` alone, without the memory monitor: one warm-up step, then steps for at least
+// opt.min_measure_s given steps of about `step_s`. Tokens/s of the lower-median step; 0 when it
+// ran out of memory.
+double time_plan(Workload& workload, const Plan& plan, const ProbeOptions& opt, MemoryMeter& meter,
+                 double step_s);
+
 // Runs one trial. Never throws for OOM; a trial that ran no step is reported as an error
 // (fits = false, reason says so).
 Trial run_trial(Workload& workload, const Plan& plan, const ProbeOptions& opt, MemoryMeter& meter);
@@ -71,6 +85,10 @@ struct TunerRequest {
   int64_t max_micro_batch = 0;                // a preset's bound (0: none)
   std::vector<Precision> allowed_precisions;  // a preset's list (empty: fp32 and bf16)
   int64_t eval_batch = 0;
+  // A low precision is probed only where it can be faster: its matmul runs at least this
+  // fraction of fp32's speed on the device (matmul_speed_vs_fp32), or no fp32 plan fits (slow
+  // beats nothing), or fp32 is not a candidate (pinned or a preset). 0: always probe.
+  double min_precision_speed = 0.8;
   ProbeOptions probe;
 };
 
@@ -81,6 +99,9 @@ struct TunerResult {
   bool shrunk_task = false;        // seq_len or width changed (allowed by --allow-shrink)
   std::string shrink_note;         // what changed, said loudly
   std::string infeasible_message;  // the one line for an infeasible budget
+  // matmul_speed_vs_fp32 of each low precision the search considered, and which it skipped.
+  std::map<Precision, double> precision_speed;
+  std::vector<Precision> skipped_precisions;
 };
 
 // Called after each trial (for progress lines).
