@@ -294,10 +294,12 @@ TEST(Tuner, ALowPrecisionSlowerThanFp32IsProbedOnlyWhenNothingElseFits) {
 TEST(Tuner, ModelSearchNeedsFewerTrialsThanPower) {
   AUTOTUNE_SKIP_UNDER_ASAN();
   Fixture f;
-  auto req = f.request(100 * kMiB, "model");
+  // 140 MiB: power needs 5 trials (2, 4, 8, 16 fit, 32 does not); model's walk down from 16
+  // adds trials only while a smaller micro-batch is faster, so a tie would need all of 16..1.
+  auto req = f.request(140 * kMiB, "model");
   req.precision = Precision::fp32;  // power and halve search micro-batch only
   TunerResult model = tune(f.gpt, req, f.meter);
-  auto preq = f.request(100 * kMiB, "power");
+  auto preq = f.request(140 * kMiB, "power");
   preq.precision = Precision::fp32;
   TunerResult power = tune(f.gpt, preq, f.meter);
   print("model", model);
