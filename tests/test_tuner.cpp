@@ -1,6 +1,8 @@
 // The tuner on CPU with the counting allocator's cap standing in for a device budget.
 #include <gtest/gtest.h>
 
+#include <functional>
+
 #include <nlohmann/json.hpp>
 
 #include "autotune/gpt_workload.h"
@@ -52,6 +54,18 @@ void expect_invariants(const TunerResult& r, const TunerRequest& req) {
     if (t.fits) EXPECT_LE(t.peak_bytes, req.usable_bytes) << t.plan.describe();
   }
 }
+
+// gpt-mini whose build throws for some plans: an op without a kernel, a model too large.
+struct FailingGpt : GptWorkload {
+  explicit FailingGpt(std::function<void(const Plan&)> fail_if)
+      : GptWorkload(load_gpt_config("gpt-mini"), TokenFile::open(tu::corpus_path()), 1),
+        fail_if_(std::move(fail_if)) {}
+  std::shared_ptr<TrainableModel> build(const Plan& p, torch::Device d, uint64_t seed) override {
+    fail_if_(p);
+    return GptWorkload::build(p, d, seed);
+  }
+  std::function<void(const Plan&)> fail_if_;
+};
 
 void print(const char* name, const TunerResult& r) {
   std::printf("%s: %zu trials, %.1fs -> %s\n", name, r.trials.size(), r.probe_seconds,
@@ -222,15 +236,10 @@ TEST(Tuner, APrecisionThatFailsIsTriedOnceThenAbandoned) {
   AUTOTUNE_SKIP_UNDER_ASAN();
   // Like LibTorch's bf16 LSTM on a CPU without AVX512-BF16 ("could not create a primitive
   // descriptor"): every bf16 plan fails whatever its micro-batch.
-  struct NoBf16 : GptWorkload {
-    using GptWorkload::GptWorkload;
-    std::shared_ptr<TrainableModel> build(const Plan& p, torch::Device d, uint64_t seed) override {
-      if (p.precision == Precision::bf16) throw std::runtime_error("no bf16 kernel");
-      return GptWorkload::build(p, d, seed);
-    }
-  };
   Fixture f;
-  NoBf16 w(load_gpt_config("gpt-mini"), TokenFile::open(tu::corpus_path()), 1);
+  FailingGpt w([](const Plan& p) {
+    if (p.precision == Precision::bf16) throw std::runtime_error("no bf16 kernel");
+  });
   auto req = f.request(60 * kMiB);
   req.min_precision_speed = 0;  // probe bf16 even where its matmul is slow
   TunerResult r = tune(w, req, f.meter);
@@ -272,14 +281,9 @@ TEST(Tuner, ALowPrecisionSlowerThanFp32IsProbedOnlyWhenNothingElseFits) {
 
   // Nothing fits in fp32 (every fp32 model runs out of memory as it is built): the slow
   // precision is probed after all, and chosen, because slow beats nothing.
-  struct Fp32TooLarge : GptWorkload {
-    using GptWorkload::GptWorkload;
-    std::shared_ptr<TrainableModel> build(const Plan& p, torch::Device d, uint64_t seed) override {
-      TORCH_CHECK_WITH(OutOfMemoryError, p.precision != Precision::fp32, "fp32 model too large");
-      return GptWorkload::build(p, d, seed);
-    }
-  };
-  Fp32TooLarge w(load_gpt_config("gpt-mini"), TokenFile::open(tu::corpus_path()), 1);
+  FailingGpt w([](const Plan& p) {
+    TORCH_CHECK_WITH(OutOfMemoryError, p.precision != Precision::fp32, "fp32 model too large");
+  });
   auto req2 = f.request(60 * kMiB);
   req2.min_precision_speed = 1e9;  // every low precision counts as slower than fp32
   TunerResult r2 = tune(w, req2, f.meter);

@@ -111,45 +111,50 @@ double matmul_speed_vs_fp32(torch::Device device, Precision precision) {
   }
 }
 
-double time_plan(Workload& workload, const Plan& plan, const ProbeOptions& opt, MemoryMeter& meter,
-                 double step_s) {
-  Plan probe_plan = plan;
-  probe_plan.grad_accum = std::min<int64_t>(plan.grad_accum, 2);  // as in the trial
+namespace {
+// What a trial trains: two micro-batches show the accumulation peak (gradients alive during the
+// second forward); more would only repeat it. One warm-up step first, never timed.
+Plan probe_plan_of(const Plan& plan) {
+  Plan p = plan;
+  p.grad_accum = std::min<int64_t>(plan.grad_accum, 2);
+  return p;
+}
+TrainOptions probe_train_options(const ProbeOptions& opt, int64_t measured_steps) {
   TrainOptions to;
-  to.steps =
-      1 + std::clamp<int64_t>(
-              static_cast<int64_t>(std::ceil(opt.min_measure_s / std::max(step_s, 1e-6))), 1, 200);
+  to.steps = 1 + measured_steps;
   to.warmup_steps = 1;
   to.seed = opt.seed;
   to.device = opt.device;
   to.recover_oom = false;
-  to.eval_sequences = 0;
+  return to;
+}
+}  // namespace
+
+double time_plan(Workload& workload, const Plan& plan, const ProbeOptions& opt, MemoryMeter& meter,
+                 double tokens_per_s) {
+  const Plan probe_plan = probe_plan_of(plan);
   StepTimer timer;
   timer.tokens_per_step = probe_plan.global_batch() * workload.tokens_per_sequence(plan);
-  double tokens_per_s = 0;
+  const double step_s = static_cast<double>(timer.tokens_per_step) / std::max(tokens_per_s, 1e-9);
+  TrainOptions to = probe_train_options(
+      opt,
+      std::clamp<int64_t>(static_cast<int64_t>(std::ceil(opt.min_measure_s / step_s)), 1, 200));
+  to.eval_sequences = 0;
+  double measured = 0;
   try {
     train(workload, probe_plan, to, {&timer});
-    tokens_per_s = timer.tokens_per_s();
+    measured = timer.tokens_per_s();
   } catch (const c10::OutOfMemoryError&) {
   }
   meter.release_cache();
-  return tokens_per_s;
+  return measured;
 }
 
 Trial run_trial(Workload& workload, const Plan& plan, const ProbeOptions& opt, MemoryMeter& meter) {
   Trial t;
   t.plan = plan;
-  // Two micro-batches show the accumulation peak (gradients alive during the second forward);
-  // more would only repeat it.
-  Plan probe_plan = plan;
-  probe_plan.grad_accum = std::min<int64_t>(plan.grad_accum, 2);
-
-  TrainOptions to;
-  to.steps = 1 + opt.measured_steps;
-  to.warmup_steps = 1;
-  to.seed = opt.seed;
-  to.device = opt.device;
-  to.recover_oom = false;
+  const Plan probe_plan = probe_plan_of(plan);
+  TrainOptions to = probe_train_options(opt, opt.measured_steps);
   const int64_t eval_batch = plan.eval_batch ? plan.eval_batch : plan.micro_batch;
   to.eval_sequences = eval_batch;  // one evaluation forward
 
@@ -208,8 +213,7 @@ Trial run_trial(Workload& workload, const Plan& plan, const ProbeOptions& opt, M
   }
   if (t.fits && opt.min_measure_s > 0 && timer.measured_s > 0 &&
       timer.measured_s < opt.min_measure_s) {
-    const double again = time_plan(workload, plan, opt, meter,
-                                   timer.measured_s / static_cast<double>(opt.measured_steps));
+    const double again = time_plan(workload, plan, opt, meter, t.tokens_per_s);
     if (again > 0) t.tokens_per_s = again;  // else memory was measured above; keep the first
     t.wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }

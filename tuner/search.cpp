@@ -393,10 +393,8 @@ TunerResult tune(Workload& workload, const TunerRequest& request, MemoryMeter& m
     for (Trial* f : close) timings.push_back({f->tokens_per_s});
     for (int round = 0; round < 2; ++round)
       for (size_t i = 0; i < close.size(); ++i) {
-        const double tokens_per_step = static_cast<double>(
-            close[i]->plan.global_batch() * workload.tokens_per_sequence(close[i]->plan));
-        const double t = time_plan(workload, close[i]->plan, request.probe, meter,
-                                   tokens_per_step / close[i]->tokens_per_s);
+        const double t =
+            time_plan(workload, close[i]->plan, request.probe, meter, close[i]->tokens_per_s);
         if (t > 0) timings[i].push_back(t);
       }
     for (size_t i = 0; i < close.size(); ++i) {

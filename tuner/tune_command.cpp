@@ -46,16 +46,23 @@ Fingerprint make_fingerprint(RunContext& ctx, int64_t global_batch) {
   return fp;
 }
 
+// A trial's result in a word: `fits_word`, OOM, slow (stopped early), error or no (above budget).
+const char* outcome(const Trial& t, const char* fits_word) {
+  if (t.fits) return fits_word;
+  if (t.oom) return "OOM";
+  if (t.too_slow) return "slow";
+  return t.error ? "error" : "no";
+}
+
 void print_trials(const std::vector<Trial>& trials) {
   if (trials.empty()) return;
   spdlog::info("{:>3}  {:<48} {:>5} {:>12} {:>10}  {}", "#", "plan", "fits", "peak", "tokens/s",
                "reason");
   int i = 0;
   for (const auto& t : trials)
-    spdlog::info(
-        "{:>3}  {:<48} {:>5} {:>12} {:>10.0f}  {}", ++i, t.plan.describe(),
-        t.fits ? "yes" : (t.oom ? "OOM" : (t.too_slow ? "slow" : (t.error ? "error" : "no"))),
-        t.peak_bytes ? format_bytes(t.peak_bytes) : "-", t.tokens_per_s, t.reason);
+    spdlog::info("{:>3}  {:<48} {:>5} {:>12} {:>10.0f}  {}", ++i, t.plan.describe(),
+                 outcome(t, "yes"), t.peak_bytes ? format_bytes(t.peak_bytes) : "-", t.tokens_per_s,
+                 t.reason);
 }
 
 // Saves unless the store is unwritable; then warns (or fails with --require-profile-save).
@@ -185,10 +192,9 @@ int tune_command(const RunSpec& spec_in) {
                  format_bytes(req.budget_bytes), format_bytes(req.usable_bytes), global_batch,
                  spec.search);
     TunerResult r = tune(w, req, ctx.meter(), [](const Trial& t) {
-      spdlog::info(
-          "trial {:<48} {:>4} peak {:>11} {:>8.0f} tok/s  {:.1f}s", t.plan.describe(),
-          t.fits ? "fits" : (t.oom ? "OOM" : (t.too_slow ? "slow" : (t.error ? "error" : "no"))),
-          t.peak_bytes ? format_bytes(t.peak_bytes) : "-", t.tokens_per_s, t.wall_s);
+      spdlog::info("trial {:<48} {:>4} peak {:>11} {:>8.0f} tok/s  {:.1f}s", t.plan.describe(),
+                   outcome(t, "fits"), t.peak_bytes ? format_bytes(t.peak_bytes) : "-",
+                   t.tokens_per_s, t.wall_s);
     });
     trials = r.trials;
     for (const auto& [prec, speed] : r.precision_speed)
@@ -217,17 +223,7 @@ int tune_command(const RunSpec& spec_in) {
     save_profile(store, *profile, path, spec.require_profile_save);
   }
 
-  nlohmann::json trials_json = nlohmann::json::array();
-  for (const auto& t : trials)
-    trials_json.push_back({{"plan", t.plan},
-                           {"fits", t.fits},
-                           {"peak_bytes", t.peak_bytes},
-                           {"tokens_per_s", t.tokens_per_s},
-                           {"reason", t.reason},
-                           {"oom", t.oom},
-                           {"phase_peaks", t.phase_peaks},
-                           {"timings", t.timings},
-                           {"wall_s", t.wall_s}});
+  const nlohmann::json trials_json = trials;  // to_json(Trial): every field of each trial
 
   if (spec.command == "probe") {
     if (spec.json) {

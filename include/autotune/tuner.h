@@ -61,11 +61,11 @@ struct ProbeOptions {
 // ~0.014x fp32 on an AVX2-only CPU and at 2-16x on AMX CPUs and tensor-core GPUs.
 double matmul_speed_vs_fp32(torch::Device device, Precision precision);
 
-// Times `plan` alone, without the memory monitor: one warm-up step, then steps for at least
-// opt.min_measure_s given steps of about `step_s`. Tokens/s of the lower-median step; 0 when it
-// ran out of memory.
+// Times `plan` alone, without the memory monitor: one warm-up step, then enough steps for
+// opt.min_measure_s at the `tokens_per_s` measured before. Tokens/s of the lower-median step; 0
+// when it ran out of memory.
 double time_plan(Workload& workload, const Plan& plan, const ProbeOptions& opt, MemoryMeter& meter,
-                 double step_s);
+                 double tokens_per_s);
 
 // Runs one trial. Never throws for OOM; a trial that ran no step is reported as an error
 // (fits = false, reason says so).
