@@ -1,11 +1,13 @@
 #include "autotune/gpt.h"
 
+#include <ATen/ExpandUtils.h>
 #include <ATen/autocast_mode.h>
 
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <set>
+#include <tuple>
 
 #include "autotune/errors.h"
 #include "autotune/precision.h"
@@ -140,7 +142,7 @@ BlockImpl::BlockImpl(int64_t d_model, int64_t n_head, double dropout)
   resid_drop_ = register_module("resid_drop", torch::nn::Dropout(dropout));
 }
 
-torch::Tensor BlockImpl::forward(torch::Tensor x) {
+std::pair<torch::Tensor, torch::Tensor> BlockImpl::forward_to_mlp_hidden(torch::Tensor x) {
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), hs = C / n_head_;
   // Attention: qkv [B, T, 3C] -> q, k, v [B, H, T, hs]
   auto qkv = qkv_->forward(ln1_->forward(x)).split(C, /*dim=*/2);
@@ -150,9 +152,37 @@ torch::Tensor BlockImpl::forward(torch::Tensor x) {
                                             /*is_causal=*/true);
   y = y.transpose(1, 2).contiguous().view({B, T, C});  // [B, T, C]
   x = x + resid_drop_->forward(attn_proj_->forward(y));
-  // MLP: [B, T, C] -> [B, T, 4C] -> [B, T, C]
-  auto h = torch::gelu(fc_->forward(ln2_->forward(x)));
-  return x + resid_drop_->forward(mlp_proj_->forward(h));
+  // MLP hidden: [B, T, C] -> [B, T, 4C]
+  return {x, torch::gelu(fc_->forward(ln2_->forward(x)))};
+}
+
+torch::Tensor BlockImpl::forward(torch::Tensor x) {
+  auto [x2, h] = forward_to_mlp_hidden(std::move(x));
+  return x2 + resid_drop_->forward(mlp_proj_->forward(h));  // [B, T, 4C] -> [B, T, C]
+}
+
+torch::Tensor BlockImpl::mlp_proj_backward(const torch::Tensor& h, const torch::Tensor& g) {
+  // Forward (at::linear on a contiguous 3-D input): addmm(b, h2, W^T) in h's dtype, h2 = h as
+  // [N, 4C]. Backward, as autograd computes it: the upstream gradient cast to that dtype, then
+  // dh = g2 W, dW = (g2^T h2), db = g2 summed to [C]; W and b get theirs back in fp32.
+  torch::NoGradGuard no_grad;
+  const auto dtype = h.scalar_type();
+  const int64_t C = g.size(-1), N = g.numel() / C;
+  const torch::Tensor g2 = g.to(dtype).reshape({N, C});
+  const torch::Tensor h2 = h.reshape({N, h.size(-1)});
+  const torch::Tensor& w = mlp_proj_->weight;
+  const torch::Tensor& b = mlp_proj_->bias;
+  const torch::Tensor dh = g2.mm(w.to(dtype));
+  auto accumulate = [](const torch::Tensor& param, torch::Tensor grad) {  // as AccumulateGrad
+    grad = grad.to(param.scalar_type());
+    if (param.grad().defined())
+      param.mutable_grad().add_(grad);
+    else
+      param.mutable_grad() = grad;
+  };
+  accumulate(w, g2.t().mm(h2));
+  accumulate(b, at::sum_to(g2, b.sizes(), /*always_return_non_view=*/true));
+  return dh.view(h.sizes());
 }
 
 namespace {
@@ -182,16 +212,28 @@ struct CheckpointedBlock : public torch::autograd::Function<CheckpointedBlock> {
     auto gen = at::globalContext().defaultGenerator(x.device());
     torch::Tensor outer_rng = gen.get_state();
     gen.set_state(ctx->saved_data["rng"].toTensor());
-    torch::Tensor y;
+    // Without dropout the recomputation stops before the MLP's output projection, whose output
+    // backward never reads (what torch.utils.checkpoint's early stop achieves in Python): one of
+    // the block's four matmuls. With dropout its mask needs that output, so all is recomputed.
+    const bool early_stop = block->dropout() == 0.0;
+    torch::Tensor y, x2, h;
     {
       torch::AutoGradMode grad_on(true);
       AutocastScope autocast(
           x.device().type(), ctx->saved_data["autocast"].toBool(),
           static_cast<c10::ScalarType>(ctx->saved_data["autocast_dtype"].toInt()));
-      y = block->forward(x);
+      if (early_stop)
+        std::tie(x2, h) = block->forward_to_mlp_hidden(x);
+      else
+        y = block->forward(x);
     }
     gen.set_state(outer_rng);
-    torch::autograd::backward({y}, {grad_out[0]});
+    if (early_stop) {
+      const torch::Tensor dh = block->mlp_proj_backward(h, grad_out[0]);
+      torch::autograd::backward({x2, h}, {grad_out[0], dh});  // x2 + ...: the residual's share
+    } else {
+      torch::autograd::backward({y}, {grad_out[0]});
+    }
     return {x.grad(), torch::Tensor()};
   }
 };

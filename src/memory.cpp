@@ -4,20 +4,15 @@
 #include <sys/mman.h>
 
 #include <ATen/DeviceAccelerator.h>
-#include <c10/core/Allocator.h>
-#include <c10/core/CPUAllocator.h>
-#include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <atomic>
 #include <charconv>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
-#include <mutex>
 #include <string_view>
 #include <utility>
 #include <vector>
@@ -29,156 +24,6 @@ namespace detail {
 std::string cuda_device_name(c10::DeviceIndex index);  // src/cuda_memory.cpp
 }
 #endif
-
-// ---- CPU counting allocator -------------------------------------------------------------------
-namespace cpu_alloc {
-namespace {
-
-// Each block carries its size in a header in front of the data, so the deleter (a bare function
-// pointer: data == context, which keeps DataPtrs "simple" for copy-on-write and raw_allocate) can
-// subtract it. 64 bytes keep the data as aligned as alloc_cpu's own 64-byte alignment.
-constexpr size_t kHeaderBytes = 64;
-constexpr int64_t kNoCap = -1;
-// Above the default allocator (0) and any mobile/caching registration; nothing in LibTorch
-// registers a CPU allocator at a higher priority.
-constexpr uint8_t kAllocatorPriority = 200;
-
-std::atomic<int64_t> g_current_bytes{0};
-std::atomic<int64_t> g_peak_bytes{0};
-std::atomic<int64_t> g_cap_bytes{kNoCap};
-std::atomic<int64_t> g_num_ooms{0};
-std::atomic<bool> g_installed{false};
-
-void raise_peak(int64_t now_bytes) {
-  int64_t peak = g_peak_bytes.load(std::memory_order_relaxed);
-  while (now_bytes > peak &&
-         !g_peak_bytes.compare_exchange_weak(peak, now_bytes, std::memory_order_relaxed)) {
-  }
-}
-
-void delete_counted(void* data) {
-  if (data == nullptr) return;
-  char* base = static_cast<char*>(data) - kHeaderBytes;
-  int64_t nbytes = 0;
-  std::memcpy(&nbytes, base, sizeof nbytes);
-  c10::profiledCPUMemoryReporter().Delete(data);
-  g_current_bytes.fetch_sub(nbytes, std::memory_order_relaxed);
-  c10::free_cpu(base);
-}
-
-// Reserves `nbytes` against the cap; false (nothing reserved) when it would go over. Returns the
-// bytes in use before the reservation through `before_bytes`.
-bool reserve(int64_t nbytes, int64_t& before_bytes) {
-  const int64_t cap = g_cap_bytes.load(std::memory_order_relaxed);
-  if (cap == kNoCap) {
-    before_bytes = g_current_bytes.fetch_add(nbytes, std::memory_order_relaxed);
-    return true;
-  }
-  // A CAS loop, not add-then-check: concurrent allocations never see a transient overshoot and are
-  // never refused because of one.
-  before_bytes = g_current_bytes.load(std::memory_order_relaxed);
-  do {
-    if (nbytes > cap - before_bytes) return false;
-  } while (!g_current_bytes.compare_exchange_weak(before_bytes, before_bytes + nbytes,
-                                                  std::memory_order_relaxed));
-  return true;
-}
-
-struct CountingAllocator final : c10::Allocator {
-  c10::DataPtr allocate(size_t n) override {
-    const c10::Device cpu(c10::DeviceType::CPU);
-    if (n == 0) return {nullptr, nullptr, &delete_counted, cpu};
-    constexpr size_t kMaxBytes = static_cast<size_t>(std::numeric_limits<int64_t>::max() / 2);
-    if (n > kMaxBytes) {
-      g_num_ooms.fetch_add(1, std::memory_order_relaxed);
-      TORCH_CHECK_WITH(OutOfMemoryError, false, "CPU allocation of ", n,
-                       " bytes refused: larger than any host");
-    }
-    const auto nbytes = static_cast<int64_t>(n);
-    int64_t before_bytes = 0;
-    if (!reserve(nbytes, before_bytes)) {
-      g_num_ooms.fetch_add(1, std::memory_order_relaxed);
-      c10::profiledCPUMemoryReporter().OutOfMemory(n);
-      TORCH_CHECK_WITH(OutOfMemoryError, false, "CPU allocation of ", n,
-                       " bytes refused: ", before_bytes, " bytes of CPU tensors in use, cap ",
-                       g_cap_bytes.load(std::memory_order_relaxed),
-                       " bytes (the host memory budget)");
-    }
-    void* base = nullptr;
-    try {
-      base = c10::alloc_cpu(n + kHeaderBytes);
-    } catch (const c10::Error& e) {
-      // A real host OOM (posix_memalign failed) takes the same recoverable path as the cap.
-      g_current_bytes.fetch_sub(nbytes, std::memory_order_relaxed);
-      g_num_ooms.fetch_add(1, std::memory_order_relaxed);
-      c10::profiledCPUMemoryReporter().OutOfMemory(n);
-      TORCH_CHECK_WITH(OutOfMemoryError, false, "CPU allocation of ", n,
-                       " bytes failed: ", e.what_without_backtrace());
-    }
-    raise_peak(before_bytes + nbytes);
-    std::memcpy(base, &nbytes, sizeof nbytes);
-    void* data = static_cast<char*>(base) + kHeaderBytes;
-    c10::profiledCPUMemoryReporter().New(data, n);
-    return {data, data, &delete_counted, cpu};
-  }
-
-  c10::DeleterFnPtr raw_deleter() const override { return &delete_counted; }
-
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    default_copy_data(dest, src, count);
-  }
-};
-
-// The user may have tuned glibc through its own environment variables: theirs wins.
-void pin_malloc_thresholds() {
-  if (std::getenv("MALLOC_MMAP_THRESHOLD_") == nullptr)
-    mallopt(M_MMAP_THRESHOLD, kMallocThresholdBytes);
-  if (std::getenv("MALLOC_TRIM_THRESHOLD_") == nullptr)
-    mallopt(M_TRIM_THRESHOLD, kMallocThresholdBytes);
-}
-
-}  // namespace
-
-void install() {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    pin_malloc_thresholds();
-    // Never freed: storages allocated by it may outlive every static destructor.
-    static auto* allocator = new CountingAllocator();
-    c10::SetCPUAllocator(allocator, kAllocatorPriority);
-    g_installed.store(true);
-  });
-}
-
-bool installed() {
-  return g_installed.load();
-}
-int64_t current_bytes() {
-  return g_current_bytes.load(std::memory_order_relaxed);
-}
-int64_t peak_bytes() {
-  return std::max(g_peak_bytes.load(std::memory_order_relaxed), current_bytes());
-}
-void reset_peak() {
-  g_peak_bytes.store(current_bytes(), std::memory_order_relaxed);
-}
-
-void set_cap(std::optional<int64_t> cap_bytes) {
-  g_cap_bytes.store(cap_bytes ? std::max<int64_t>(*cap_bytes, 0) : kNoCap,
-                    std::memory_order_relaxed);
-}
-
-std::optional<int64_t> cap() {
-  const int64_t c = g_cap_bytes.load(std::memory_order_relaxed);
-  if (c == kNoCap) return std::nullopt;
-  return c;
-}
-
-int64_t num_ooms() {
-  return g_num_ooms.load(std::memory_order_relaxed);
-}
-
-}  // namespace cpu_alloc
 
 // ---- process and system readers -----------------------------------------------------------------
 namespace {
@@ -508,8 +353,8 @@ MemoryMeter::MemoryMeter(torch::Device device) : device_(device) {
 
 void MemoryMeter::remeasure_baseline() {
   const uint64_t rss = read_process_memory().rss_bytes;
-  const uint64_t tensors = to_u64(cpu_alloc::current_bytes());
-  baseline_bytes_ = rss > tensors ? rss - tensors : 0;
+  const uint64_t reserved = to_u64(cpu_alloc::reserved_bytes());
+  baseline_bytes_ = rss > reserved ? rss - reserved : 0;
 }
 
 void MemoryMeter::reset_peaks() {
@@ -534,6 +379,8 @@ MemorySample MemoryMeter::sample() const {
   }
   s.tensor_bytes = to_u64(cpu_alloc::current_bytes());
   s.peak_tensor_bytes = to_u64(cpu_alloc::peak_bytes());
+  s.reserved_bytes = to_u64(cpu_alloc::reserved_bytes());
+  s.peak_reserved_bytes = to_u64(cpu_alloc::peak_reserved_bytes());
   const ProcessMemory pm = read_process_memory();
   s.rss_bytes = pm.rss_bytes;
   s.peak_rss_bytes = std::max(pm.peak_rss_bytes, pm.rss_bytes);
@@ -544,10 +391,12 @@ MemorySample MemoryMeter::sample() const {
 
 uint64_t MemoryMeter::budget_figure_peak(const MemorySample& s) const {
   if (accelerator_stats_) return s.device_peak_reserved_bytes + context_bytes_;
-  if (peak_rss_resettable_) return std::max(s.peak_rss_bytes, s.rss_bytes);
-  // VmHWM is since process start: the tensor peak on top of the baseline stands in for it, and
-  // the RSS seen now is a floor.
-  return std::max(baseline_bytes_ + s.peak_tensor_bytes, s.rss_bytes);
+  // What the allocator held at its peak, on top of the baseline: exact where RSS lags behind it
+  // (pages reserved but not yet touched).
+  const uint64_t reserved_figure = baseline_bytes_ + s.peak_reserved_bytes;
+  if (peak_rss_resettable_) return std::max({s.peak_rss_bytes, s.rss_bytes, reserved_figure});
+  // VmHWM is since process start: the reserved peak stands in for it, the RSS now is a floor.
+  return std::max(reserved_figure, s.rss_bytes);
 }
 
 uint64_t MemoryMeter::budget_figure_now(const MemorySample& s) const {
@@ -557,6 +406,7 @@ uint64_t MemoryMeter::budget_figure_now(const MemorySample& s) const {
 
 void MemoryMeter::release_cache() const {
   if (accelerator_stats_) at::accelerator::emptyCache();
+  cpu_alloc::release_cache();
   malloc_trim(0);
 }
 

@@ -91,10 +91,13 @@ void MemoryMonitor::on_step(const StepStats& st) {
   std::string data;
   if (opt_.data_report)
     if (std::string d = describe_data_report(opt_.data_report()); !d.empty()) data = " | data " + d;
-  spdlog::info("mem   step {:>5} | rss {} | system {}/{} | device {}/{} | peak {} ({}){}", st.step,
-               format_bytes(s.rss_bytes), format_bytes(used), format_bytes(total),
-               format_bytes(s.device_allocated_bytes), format_bytes(s.device_reserved_bytes),
-               format_bytes(peak_.budget_bytes), budget, data);
+  spdlog::info(
+      "mem   step {:>5} | rss {} | tensors {}, reserved {} | system {}/{} | device {}/{} | peak {} "
+      "({}){}",
+      st.step, format_bytes(s.rss_bytes), format_bytes(s.tensor_bytes),
+      format_bytes(s.reserved_bytes), format_bytes(used), format_bytes(total),
+      format_bytes(s.device_allocated_bytes), format_bytes(s.device_reserved_bytes),
+      format_bytes(peak_.budget_bytes), budget, data);
 }
 
 void MemoryMonitor::on_end(const RunSummary&) {

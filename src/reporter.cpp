@@ -47,7 +47,7 @@ void ConsoleReporter::on_step(const StepStats& s) {
   spdlog::info(
       "step {:>5}/{} | loss {:.4f} | lr {:.2e} | norm {:.2f} | {:.0f} ms | {:.0f} tok/s | "
       "ETA {}{}",
-      s.step, s.steps, s.loss, s.lr, s.grad_norm, s.step_ms, tokens_ / elapsed_s_,
+      s.step, s.steps, s.loss_value(), s.lr, s.grad_norm_value(), s.step_ms, tokens_ / elapsed_s_,
       duration(per_step * static_cast<double>(s.steps - s.step)),
       s.skipped ? " | fp16 overflow: step skipped" : "");
 }

@@ -15,6 +15,7 @@
 #include "autotune/preset.h"
 #include "autotune/reporter.h"
 #include "autotune/size.h"
+#include "autotune/step_log.h"
 
 namespace autotune {
 
@@ -95,7 +96,10 @@ RunContext::RunContext(const RunSpec& spec) : spec_(spec), device_(resolve_devic
 }
 
 RunContext::~RunContext() {
-  if (device_.is_cpu()) cpu_alloc::set_cap(std::nullopt);
+  if (device_.is_cpu()) {
+    cpu_alloc::set_cap(std::nullopt);
+    cpu_alloc::set_rss_limit(std::nullopt);
+  }
 }
 
 std::optional<uint64_t> RunContext::usable_bytes() const {
@@ -111,7 +115,11 @@ void RunContext::enforce_budget() {
       throw RuntimeError("budget " + format_bytes(*budget_bytes_) + " (minus margin " +
                          format_bytes(margin_bytes_) + ") is below this process's baseline of " +
                          format_bytes(base) + " before any tensor; give a larger --budget");
+    // The allocator's reserved bytes within usable - baseline, and the budget figure itself
+    // (RSS) checked whenever it maps more: what the cap cannot see (heap slack, thread arenas)
+    // can then never carry the process past the budget.
     cpu_alloc::set_cap(static_cast<int64_t>(usable - base));
+    cpu_alloc::set_rss_limit(static_cast<int64_t>(*budget_bytes_));
   } else {
     enforce_device_budget(device_, *budget_bytes_);
   }
@@ -179,6 +187,11 @@ RunSummary RunContext::train(const Plan& plan) {
   monitor_ = std::make_unique<MemoryMonitor>(*meter_, mo);
   ConsoleReporter console(spec_.log_every, data_report);
   std::vector<TrainObserver*> observers = {monitor_.get(), &console};
+  std::unique_ptr<StepLog> step_log;
+  if (!spec_.run_dir.empty()) {
+    step_log = std::make_unique<StepLog>(spec_.run_dir + "/steps.jsonl", spec_.log_every);
+    observers.push_back(step_log.get());
+  }
   std::unique_ptr<OomInjector> injector;
   if (const char* inject = std::getenv("AUTOTUNE_INJECT_OOM"); inject && *inject) {
     injector = std::make_unique<OomInjector>(inject);

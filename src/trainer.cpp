@@ -6,9 +6,12 @@
 
 #include <chrono>
 #include <cmath>
+#include <optional>
 
 #include "autotune/checkpoint.h"
+#include "autotune/cpu_allocator.h"
 #include "autotune/errors.h"
+#include "autotune/optimizer.h"
 #include "autotune/precision.h"
 
 namespace autotune {
@@ -58,37 +61,16 @@ bool next_plan_after_oom(const Plan& plan, bool can_checkpoint, bool allow_preci
 
 namespace {
 
-// Ultra-low-mem: hand cached blocks back between phases (accelerator cache; the C heap's top).
+// Hands cached blocks back (accelerator cache, the CPU allocator's cache, the C heap's top):
+// between phases in ultra-low-mem, and after an OOM so the re-run starts from what it needs.
 void release_cached_memory(torch::Device device) {
   if (device.type() != c10::DeviceType::CPU) at::accelerator::emptyCache();
+  cpu_alloc::release_cache();
   malloc_trim(0);
 }
 
 void synchronize(torch::Device device) {
   if (device.type() != c10::DeviceType::CPU) at::accelerator::synchronizeDevice(device.index());
-}
-
-// AdamW states are created lazily by the first step; creating them here first (all or none)
-// means an OOM while they are allocated leaves no parameter half-updated.
-void ensure_adamw_states(torch::optim::AdamW& optimizer) {
-  auto& state = optimizer.state();
-  std::vector<void*> created;
-  try {
-    for (auto& group : optimizer.param_groups())
-      for (auto& p : group.params()) {
-        void* key = p.unsafeGetTensorImpl();
-        if (!p.grad().defined() || state.count(key)) continue;
-        auto s = std::make_unique<torch::optim::AdamWParamState>();
-        s->step(0);
-        s->exp_avg(torch::zeros_like(p, torch::MemoryFormat::Preserve));
-        s->exp_avg_sq(torch::zeros_like(p, torch::MemoryFormat::Preserve));
-        state[key] = std::move(s);
-        created.push_back(key);
-      }
-  } catch (...) {
-    for (void* key : created) state.erase(key);
-    throw;
-  }
 }
 
 }  // namespace
@@ -99,6 +81,9 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
     for (auto* o : observers) fn(*o);
   };
   auto wall_start = std::chrono::steady_clock::now();
+  // Freed CPU blocks stay mapped for the next step's tensors of the same size (no page faults);
+  // the cache is handed back when the run ends.
+  cpu_alloc::CachingScope caching;
   const bool can_checkpoint = workload.knobs().checkpointing;
 
   // ---- resume: the checkpoint's plan wins (it may be a safer plan found by OOM recovery) ----
@@ -136,7 +121,7 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
                       std::make_unique<torch::optim::AdamWOptions>(adamw(opt.weight_decay)));
   groups.emplace_back(model->no_decay_parameters(),
                       std::make_unique<torch::optim::AdamWOptions>(adamw(0.0)));
-  torch::optim::AdamW optimizer(std::move(groups), adamw(opt.weight_decay));
+  FusedAdamW optimizer(std::move(groups), adamw(opt.weight_decay));
   const auto params = model->parameters();
   LossScaler scaler(opt.device, plan.precision == Precision::fp16);
 
@@ -168,15 +153,16 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
       try {
         notify([&](TrainObserver& o) { o.on_phase_begin(Phase::eval); });
         AutocastScope autocast(opt.device, plan.precision);
-        double sum = 0;
+        torch::Tensor sum = torch::zeros({}, torch::TensorOptions(opt.device));  // on the device
         for (int64_t first = 0; first < opt.eval_sequences; first += eval_batch) {
           int64_t n = std::min(eval_batch, opt.eval_sequences - first);
-          sum += model->loss(workload.val_batch(first, n, plan, opt.device)).item<double>() *
-                 static_cast<double>(n);
+          sum +=
+              model->loss(workload.val_batch(first, n, plan, opt.device)) * static_cast<double>(n);
         }
+        const double mean = sum.item<double>() / static_cast<double>(opt.eval_sequences);
         notify([&](TrainObserver& o) { o.on_phase_end(Phase::eval, step); });
         model->train();
-        return sum / static_cast<double>(opt.eval_sequences);
+        return mean;
       } catch (const c10::OutOfMemoryError& e) {
         // An eval OOM lowers the eval batch only; the training plan is not touched.
         if (!opt.recover_oom || eval_batch == 1) throw;
@@ -191,8 +177,18 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
   };
 
   // ---- the loop: one iteration is one optimizer step over the global batch ----
+  // Nothing in a step reads a value back to the host (the loss and the gradient norm stay on the
+  // device until an observer prints them), so an accelerator never waits for the host.
   double train_seconds = 0;
   const int64_t tokens_per_step = plan.global_batch() * workload.tokens_per_sequence(plan);
+  // Micro-batch m of a step holds samples [m*mb, (m+1)*mb) of its global batch. The next one is
+  // fetched before the current one's backward, so its host-to-device copy is queued behind
+  // compute instead of in front of it.
+  auto fetch = [&](int64_t s, int64_t m) {
+    return workload.train_batch(s, m * plan.micro_batch, plan.micro_batch, plan, opt.device);
+  };
+  std::optional<Batch> ahead;  // the next micro-batch, fetched early
+  torch::Tensor last_loss;
   while (step < opt.steps) {
     if (opt.stop_signal && opt.stop_signal->load()) {
       summary.stop_signal = opt.stop_signal->load();
@@ -204,13 +200,12 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
     Phase phase = Phase::forward;
     try {
       optimizer.zero_grad(/*set_to_none=*/true);
-      double loss_sum = 0;
+      torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions(opt.device));  // [] fp32
+      // (Fetching counts as the forward: a prefetch that ran out of memory surfaces here.)
+      Batch batch = ahead ? std::move(*ahead) : fetch(step, 0);
+      ahead.reset();
       for (int64_t m = 0; m < plan.grad_accum; ++m) {
-        // Micro-batch m holds samples [m*mb, (m+1)*mb) of this step's global batch. (Fetching
-        // it counts as the forward: a prefetch that ran out of memory surfaces here.)
         phase = Phase::forward;
-        Batch batch =
-            workload.train_batch(step, m * plan.micro_batch, plan.micro_batch, plan, opt.device);
         notify([&](TrainObserver& o) { o.on_phase_begin(phase); });
         torch::Tensor loss;
         {
@@ -223,35 +218,44 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
         if (opt.release_between_phases) release_cached_memory(opt.device);
         phase = Phase::backward;
         notify([&](TrainObserver& o) { o.on_phase_begin(phase); });
+        if (m + 1 < plan.grad_accum)
+          ahead = fetch(step, m + 1);
+        else if (step + 1 < opt.steps)
+          ahead = fetch(step + 1, 0);
         scaler.scale_loss(loss).backward();
-        loss_sum += loss.item<double>();
+        loss_sum += loss.detach();
         notify([&](TrainObserver& o) { o.on_phase_end(phase, step); });
         if (opt.release_between_phases) release_cached_memory(opt.device);
+        if (m + 1 < plan.grad_accum) {
+          batch = std::move(*ahead);
+          ahead.reset();
+        }
       }
       phase = Phase::optimizer;
       notify([&](TrainObserver& o) { o.on_phase_begin(phase); });
-      ensure_adamw_states(optimizer);
+      optimizer.create_states();
+      // fp16 only: whether any gradient overflowed is read back (one sync per step, as
+      // torch.amp.GradScaler does); bf16 and fp32 never skip a step.
       const bool finite = scaler.unscale_and_check(params);
-      double grad_norm = 0;
+      torch::Tensor grad_norm;
       if (finite) {
-        grad_norm =
-            opt.grad_clip > 0 ? torch::nn::utils::clip_grad_norm_(params, opt.grad_clip) : 0.0;
+        if (opt.grad_clip > 0) grad_norm = clip_grad_norm(params, opt.grad_clip);
         optimizer.step();
       }
       notify([&](TrainObserver& o) { o.on_phase_end(phase, step); });
-      synchronize(opt.device);
+      if (opt.synchronize_steps) synchronize(opt.device);
       ++step;
 
       const double dt =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       train_seconds += dt;
       summary.tokens += tokens_per_step;
-      summary.final_loss = loss_sum;
+      last_loss = loss_sum;
       StepStats s{step,
                   opt.steps,
                   loss_sum,
-                  lr,
                   grad_norm,
+                  lr,
                   dt * 1e3,
                   static_cast<double>(tokens_per_step) / dt,
                   !finite,
@@ -260,8 +264,9 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
     } catch (const c10::OutOfMemoryError& e) {
       // Drop the partial gradients, release memory, step down the ladder and re-run this same
       // step on the same samples: no step and no sample is lost.
+      ahead.reset();
       optimizer.zero_grad(/*set_to_none=*/true);
-      if (opt.device.type() != c10::DeviceType::CPU) at::accelerator::emptyCache();
+      release_cached_memory(opt.device);
       if (!opt.recover_oom) throw;  // probe trials: the caller records the OOM by its type
       Plan next;
       if (!next_plan_after_oom(plan, can_checkpoint, opt.allow_precision_change, &next))
@@ -285,6 +290,12 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
     if (opt.checkpoint_every > 0 && step % opt.checkpoint_every == 0 && !last) checkpoint();
   }
 
+  ahead.reset();
+  const auto sync_start = std::chrono::steady_clock::now();
+  synchronize(opt.device);  // work still queued on an accelerator belongs to the training time
+  train_seconds +=
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - sync_start).count();
+  if (last_loss.defined()) summary.final_loss = last_loss.item<double>();
   if (summary.stop_signal == 0 && opt.eval_sequences > 0) {
     summary.val_loss = evaluate();
     notify([&](TrainObserver& o) { o.on_eval(step, summary.val_loss); });

@@ -7,7 +7,10 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 
+#include <sys/mman.h>
+
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <thread>
 #include <vector>
@@ -183,6 +186,192 @@ TEST(CpuAllocCap, OutOfMemoryErrorArrivesThroughParallelFor) {
     caught = true;
   }
   EXPECT_TRUE(caught) << "parallel_for must rethrow the worker's c10::OutOfMemoryError";
+}
+
+// ---- the cache: exact allocated / reserved / peak figures
+// ----------------------------------------------------------------------
+
+constexpr int64_t kPage = 4096;
+int64_t round_to(int64_t n, int64_t to) {
+  return (n + to - 1) / to * to;
+}
+// The block a pooled request of n bytes takes, and the segment a large one maps
+// (include/autotune/cpu_allocator.h).
+int64_t block_of(int64_t n) {
+  return round_to(n + cpu_alloc::kHeaderBytes, cpu_alloc::kBlockAlignBytes);
+}
+int64_t large_segment_of(int64_t n) {
+  return round_to(block_of(n), kPage);
+}
+// Starts a test from an empty cache inside a caching scope, as the trainer runs.
+struct CachedTest {
+  cpu_alloc::CachingScope scope;
+  cpu_alloc::Stats base;
+  CachedTest() {
+    cpu_alloc::install();
+    cpu_alloc::release_cache();
+    cpu_alloc::reset_peak();
+    base = cpu_alloc::stats();
+  }
+  cpu_alloc::Stats now() const { return cpu_alloc::stats(); }
+};
+
+TEST(CpuAllocCache, KnownTensorsGiveKnownAllocatedReservedAndPeakBytes) {
+  CachedTest t;
+  const int64_t large = 4 * kMiB, mid = 100 * 1024, small = 1000;  // pool large / small, heap
+  {
+    auto a = torch::empty({large}, torch::kUInt8);
+    auto b = torch::empty({mid}, torch::kUInt8);
+    auto c = torch::empty({small}, torch::kUInt8);
+    const auto s = t.now();
+    EXPECT_EQ(s.allocated_bytes - t.base.allocated_bytes, large + mid + small);
+    // A large request maps a segment of its own block; a mid one a shared 2 MiB segment; a small
+    // one is counted at its size.
+    EXPECT_EQ(s.reserved_bytes - t.base.reserved_bytes,
+              large_segment_of(large) + cpu_alloc::kSmallSegmentBytes + small);
+    EXPECT_EQ(s.num_segment_maps - t.base.num_segment_maps, 2);
+    // The rest of the shared segment is cached for the next mid-size request.
+    EXPECT_EQ(s.cached_bytes - t.base.cached_bytes, cpu_alloc::kSmallSegmentBytes - block_of(mid));
+    EXPECT_EQ(s.peak_allocated_bytes - t.base.allocated_bytes, large + mid + small);
+    EXPECT_EQ(s.peak_reserved_bytes - t.base.reserved_bytes,
+              s.reserved_bytes - t.base.reserved_bytes);
+  }
+  const auto s = t.now();
+  EXPECT_EQ(s.allocated_bytes, t.base.allocated_bytes);
+  EXPECT_EQ(s.peak_allocated_bytes - t.base.allocated_bytes, large + mid + small);
+  // Freed inside the scope: the pool keeps its segments, the heap gives the small one back.
+  EXPECT_EQ(s.reserved_bytes - t.base.reserved_bytes,
+            large_segment_of(large) + cpu_alloc::kSmallSegmentBytes);
+  EXPECT_EQ(s.cached_bytes - t.base.cached_bytes,
+            large_segment_of(large) + cpu_alloc::kSmallSegmentBytes);
+}
+
+TEST(CpuAllocCache, AFreedBlockIsReusedWithoutANewReservation) {
+  CachedTest t;
+  { auto a = torch::empty({8 * kMiB}, torch::kUInt8); }
+  const auto after_first = t.now();
+  EXPECT_EQ(after_first.num_segment_maps - t.base.num_segment_maps, 1);
+  {
+    auto same = torch::empty({8 * kMiB}, torch::kUInt8);
+    auto smaller = torch::empty({2 * kMiB}, torch::kUInt8);  // does not fit beside `same`
+    auto s = t.now();
+    EXPECT_EQ(s.num_segment_maps - after_first.num_segment_maps, 1) << "only `smaller` maps";
+    EXPECT_EQ(s.num_cache_hits - after_first.num_cache_hits, 1);
+  }
+  // Both freed: a request smaller than the cached 8 MiB block is carved out of it.
+  const auto before_split = t.now();
+  {
+    auto part = torch::empty({3 * kMiB}, torch::kUInt8);
+    const auto s = t.now();
+    EXPECT_EQ(s.num_segment_maps, before_split.num_segment_maps);
+    EXPECT_EQ(s.reserved_bytes, before_split.reserved_bytes);
+    EXPECT_EQ(s.allocated_bytes - t.base.allocated_bytes, 3 * kMiB);
+  }
+  EXPECT_EQ(t.now().reserved_bytes, before_split.reserved_bytes) << "freed blocks coalesce";
+  EXPECT_EQ(t.now().cached_bytes, before_split.cached_bytes);
+}
+
+TEST(CpuAllocCache, TheCapHandsTheCacheBackBeforeItRefuses) {
+  CachedTest t;
+  { auto a = torch::empty({8 * kMiB}, torch::kUInt8); }  // 8 MiB cached
+  const int64_t reserved = t.now().reserved_bytes;
+  const int64_t ooms = cpu_alloc::num_ooms();
+  // 12 MiB needs a new segment: over the cap with the cache, under it once the cache is gone.
+  CapGuard cap(reserved - large_segment_of(8 * kMiB) + large_segment_of(12 * kMiB) + kMiB);
+  auto b = torch::empty({12 * kMiB}, torch::kUInt8);
+  EXPECT_EQ(cpu_alloc::num_ooms(), ooms) << "an allocation that fits once the cache is released";
+  EXPECT_EQ(t.now().cached_bytes, t.base.cached_bytes) << "the 8 MiB segment was handed back";
+  EXPECT_THROW(torch::empty({12 * kMiB}, torch::kUInt8), c10::OutOfMemoryError);
+  EXPECT_EQ(cpu_alloc::num_ooms(), ooms + 1);
+  EXPECT_LE(t.now().reserved_bytes, *cpu_alloc::cap()) << "reserved never passes the cap";
+}
+
+TEST(CpuAllocCache, ReleasingBringsReservedDownToAllocated) {
+  CachedTest t;
+  std::vector<torch::Tensor> kept;
+  {
+    std::vector<torch::Tensor> dropped;
+    for (int64_t mib : {2, 3, 5, 7}) {
+      kept.push_back(torch::empty({mib * kMiB + 100}, torch::kUInt8));
+      dropped.push_back(torch::empty({mib * kMiB + 200}, torch::kUInt8));
+    }
+  }
+  EXPECT_GT(t.now().cached_bytes - t.base.cached_bytes, 16 * kMiB);
+  const int64_t released = cpu_alloc::release_cache();
+  EXPECT_GT(released, 16 * kMiB);
+  const auto s = t.now();
+  EXPECT_EQ(s.cached_bytes, t.base.cached_bytes);
+  // What stays reserved is the live tensors plus their blocks' rounding to pages, nothing else.
+  int64_t rounding = 0, bytes = 0;
+  for (const auto& k : kept) {
+    bytes += k.nbytes();
+    rounding +=
+        large_segment_of(static_cast<int64_t>(k.nbytes())) - static_cast<int64_t>(k.nbytes());
+  }
+  EXPECT_EQ(s.allocated_bytes - t.base.allocated_bytes, bytes);
+  EXPECT_EQ(s.reserved_bytes - t.base.reserved_bytes, bytes + rounding);
+  EXPECT_LT(rounding, 4 * kPage);
+}
+
+TEST(CpuAllocCache, OutsideACachingScopeFreedSegmentsGoBackAtOnce) {
+  cpu_alloc::install();
+  ASSERT_FALSE(cpu_alloc::caching());
+  const auto base = cpu_alloc::stats();
+  { auto a = torch::empty({8 * kMiB}, torch::kUInt8); }
+  const auto s = cpu_alloc::stats();
+  EXPECT_EQ(s.reserved_bytes, base.reserved_bytes);
+  EXPECT_EQ(s.num_segment_unmaps - base.num_segment_unmaps, 1);
+  {
+    cpu_alloc::CachingScope scope;
+    { auto a = torch::empty({8 * kMiB}, torch::kUInt8); }
+    EXPECT_EQ(cpu_alloc::stats().reserved_bytes - base.reserved_bytes, large_segment_of(8 * kMiB));
+  }
+  EXPECT_EQ(cpu_alloc::stats().reserved_bytes, base.reserved_bytes)
+      << "closing the last scope releases the cache";
+}
+
+TEST(CpuAllocCache, TheRssLimitRefusesWhatTheCapCannotSee) {
+  AUTOTUNE_SKIP_UNDER_ASAN();
+  CachedTest t;
+  const int64_t rss = static_cast<int64_t>(read_process_memory().rss_bytes);
+  // Resident memory the allocator does not own (a plain mmap, like a library's buffer).
+  constexpr size_t kForeign = 32 << 20;
+  void* foreign =
+      mmap(nullptr, kForeign, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(foreign, MAP_FAILED);
+  std::memset(foreign, 1, kForeign);
+  cpu_alloc::set_rss_limit(rss + 48 * kMiB);
+  const int64_t ooms = cpu_alloc::num_ooms();
+  try {
+    auto fits = torch::zeros({4 * kMiB}, torch::kUInt8);  // 32 + 4 MiB: under the limit
+    EXPECT_THROW(torch::empty({16 * kMiB}, torch::kUInt8), c10::OutOfMemoryError);  // 52 MiB
+  } catch (...) {
+    ADD_FAILURE() << "the allocation under the limit was refused";
+  }
+  cpu_alloc::set_rss_limit(std::nullopt);
+  munmap(foreign, kForeign);
+  EXPECT_EQ(cpu_alloc::num_ooms(), ooms + 1);
+  auto now_fits = torch::empty({8 * kMiB}, torch::kUInt8);
+}
+
+TEST(CpuAllocCache, CountsStayExactUnderConcurrentPooledAllocation) {
+  CachedTest t;
+  constexpr int kThreads = 4;
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kThreads; ++i)
+    threads.emplace_back([i] {
+      for (int round = 0; round < 200; ++round) {
+        auto a = torch::empty({(64 + (round * 37 + i * 11) % 900) * 1024}, torch::kUInt8);
+        auto b = torch::empty({(1 + (round + i) % 5) * kMiB}, torch::kUInt8);
+      }
+    });
+  for (auto& th : threads) th.join();
+  const auto s = t.now();
+  EXPECT_EQ(s.allocated_bytes, t.base.allocated_bytes);
+  EXPECT_EQ(s.reserved_bytes - t.base.reserved_bytes, s.cached_bytes - t.base.cached_bytes)
+      << "everything freed is cached, nothing is lost";
+  cpu_alloc::release_cache();
+  EXPECT_EQ(cpu_alloc::stats().reserved_bytes, t.base.reserved_bytes);
 }
 
 // ---- readers: the real files

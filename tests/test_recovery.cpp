@@ -161,7 +161,12 @@ TEST(Recovery, SigtermCheckpointsAndResumeFinishes) {
                                    "4",
                                    "--json"};
   const pid_t pid = tu::start_autotune(args);
-  std::this_thread::sleep_for(std::chrono::seconds(4));
+  // Mid-run whatever the speed: once step 10 is in the step log (a fixed sleep outlived the
+  // whole run once the trainer got fast).
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (tu::read_file(dir + "/steps.jsonl").find("\"step\":10,") == std::string::npos &&
+         std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
   kill(pid, SIGTERM);
   int status = 0;
   waitpid(pid, &status, 0);

@@ -126,6 +126,7 @@ TrainOptions probe_train_options(const ProbeOptions& opt, int64_t measured_steps
   to.seed = opt.seed;
   to.device = opt.device;
   to.recover_oom = false;
+  to.synchronize_steps = true;  // plans are ranked by their steps' real time
   return to;
 }
 }  // namespace

@@ -41,6 +41,14 @@ class BlockImpl : public torch::nn::Module {
  public:
   BlockImpl(int64_t d_model, int64_t n_head, double dropout);
   torch::Tensor forward(torch::Tensor x);  // [B, T, C] -> [B, T, C]
+  // All of forward but the MLP's output projection: the residual after attention x2 [B, T, C]
+  // and the MLP hidden h = gelu(fc(ln2(x2))) [B, T, 4C]; forward = x2 + drop(mlp_proj(h)).
+  std::pair<torch::Tensor, torch::Tensor> forward_to_mlp_hidden(torch::Tensor x);
+  // Gradients of out = x2 + mlp_proj(h) for the upstream gradient g [B, T, C], without its
+  // forward: adds to mlp_proj's weight and bias gradients and returns dL/dh. The same ATen ops
+  // autograd runs for it (in h's dtype, as under autocast), so the results are identical.
+  torch::Tensor mlp_proj_backward(const torch::Tensor& h, const torch::Tensor& g);
+  double dropout() const { return dropout_; }
 
  private:
   int64_t n_head_;

@@ -8,28 +8,12 @@
 
 #include <torch/torch.h>
 
+#include "autotune/cpu_allocator.h"
+
 namespace autotune {
 
-// ---- CPU counting allocator -------------------------------------------------------------------
-// Installed once with c10::SetCPUAllocator at a high priority and kept for the life of the
-// process. Tracks current and peak bytes of every CPU tensor storage. Thread-safe (atomics).
-namespace cpu_alloc {
-// glibc's mmap threshold is dynamic (it grows to the largest freed block, up to 32 MiB), so after
-// a few steps freed activations stay in the heap and RSS stops following tensor bytes. install()
-// pins it (and the trim threshold) so blocks of this size and above return to the kernel on
-// free. 2 MiB, not 128 KiB: fresh pages cost page faults, +13% faults and +8-11% step time at
-// 128 KiB vs within noise at 2 MiB (scripts/bench-meter-overhead, docs/BENCHMARKS.md).
-constexpr int kMallocThresholdBytes = 2 * 1024 * 1024;
-void install();  // idempotent; also pins glibc's thresholds (above)
-bool installed();
-int64_t current_bytes();
-int64_t peak_bytes();
-void reset_peak();  // peak := current
-// With a cap, an allocation that would take current above it throws c10::OutOfMemoryError.
-void set_cap(std::optional<int64_t> cap_bytes);
-std::optional<int64_t> cap();
-int64_t num_ooms();  // refused allocations since install
-}  // namespace cpu_alloc
+// The CPU counting allocator (cpu_alloc::, include/autotune/cpu_allocator.h) is installed by
+// MemoryMeter and kept for the life of the process.
 
 // ---- process and system readers (Linux /proc and cgroup files) ---------------------------------
 struct ProcessMemory {
@@ -74,8 +58,10 @@ struct MemorySample {
   uint64_t device_total_bytes = 0;
   uint64_t device_free_bytes = 0;
   // Host
-  uint64_t tensor_bytes = 0;       // CPU counting allocator, current
-  uint64_t peak_tensor_bytes = 0;  // since the last reset
+  uint64_t tensor_bytes = 0;         // CPU counting allocator: allocated, current
+  uint64_t peak_tensor_bytes = 0;    // since the last reset
+  uint64_t reserved_bytes = 0;       // CPU counting allocator: reserved (tensors + its cache)
+  uint64_t peak_reserved_bytes = 0;  // since the last reset
   uint64_t rss_bytes = 0;
   uint64_t peak_rss_bytes = 0;  // since the last reset (if the reset works)
   // What the budget is compared against (see budget_figure()).
@@ -86,8 +72,9 @@ struct MemorySample {
 class MemoryMeter {
  public:
   // Installs the CPU counting allocator if needed and measures the process baseline (RSS not
-  // owned by tensors: libtorch, code, data buffers) once. Whether VmHWM can be reset is probed
-  // once per process; AUTOTUNE_NO_PEAK_RSS_RESET=1 forces the fallback (baseline + tensor peak).
+  // reserved by the allocator: libtorch, code, data buffers) once. Whether VmHWM can be reset is
+  // probed once per process; AUTOTUNE_NO_PEAK_RSS_RESET=1 forces the fallback (baseline + tensor
+  // peak).
   explicit MemoryMeter(torch::Device device);
 
   torch::Device device() const { return device_; }
@@ -104,13 +91,14 @@ class MemoryMeter {
   // The budget figure (DESIGN.md, "What the budget means"):
   //   accelerator: peak reserved by the caching allocator + the context (total - free - reserved
   //                at construction);
-  //   CPU: peak RSS of the process; where VmHWM cannot be reset, baseline + peak tensor bytes
-  //        (never below the RSS seen now). An accelerator device that is not present (CPU-only
-  //        build, no GPU) has no device stats and gets the CPU figure.
+  //   CPU: peak RSS of the process, and never below baseline + peak reserved bytes (the
+  //        allocator's exact count of what it held); where VmHWM cannot be reset, baseline +
+  //        peak reserved bytes (never below the RSS seen now). An accelerator device that is not
+  //        present (CPU-only build, no GPU) has no device stats and gets the CPU figure.
   uint64_t budget_figure_peak(const MemorySample& s) const;
   uint64_t budget_figure_now(const MemorySample& s) const;
 
-  // Releases cached blocks of the accelerator (no-op on CPU) and trims the C heap.
+  // Releases cached blocks of the accelerator and of the CPU allocator, and trims the C heap.
   void release_cache() const;
 
  private:

@@ -41,6 +41,10 @@ struct TrainOptions {
   bool allow_precision_change = true;
   // Ultra-low-mem: release the allocator caches between phases.
   bool release_between_phases = false;
+  // Wait for the device at the end of every step, so step_ms is the step's real time (probe
+  // trials rank plans by it). Off for training: the host then queues the next step's work while
+  // the accelerator runs this one. (A no-op on CPU.)
+  bool synchronize_steps = false;
   // Set by a signal handler: the loop stops after the current step and checkpoints.
   const std::atomic<int>* stop_signal = nullptr;
 };
@@ -48,13 +52,19 @@ struct TrainOptions {
 struct StepStats {
   int64_t step = 0;  // 1-based index of the optimizer step just finished
   int64_t steps = 0;
-  double loss = 0;  // mean over the global batch
+  // Scalars on the device: reading one (loss_value()) waits for the step's work to finish, so
+  // observers read them only where they print or record them.
+  torch::Tensor loss;       // [] fp32, mean over the global batch
+  torch::Tensor grad_norm;  // [] global L2 norm before clipping; undefined without clipping
   double lr = 0;
-  double grad_norm = 0;
-  double step_ms = 0;
+  double step_ms = 0;       // host time of the step (on an accelerator: until its work was queued,
+                            // unless TrainOptions::synchronize_steps)
   double tokens_per_s = 0;  // this step
   bool skipped = false;     // fp16 overflow: no update
   Plan plan;
+
+  double loss_value() const { return loss.item<double>(); }
+  double grad_norm_value() const { return grad_norm.defined() ? grad_norm.item<double>() : 0.0; }
 };
 
 struct Recovery {

@@ -4,19 +4,20 @@
 // compared installed and not (it cannot be uninstalled); scripts/bench-meter-overhead interleaves
 // the processes and prints the overhead.
 //
-//   bench_meter_overhead --mode default|mallopt|counting|meter [--steps N] [--warmup N]
+//   bench_meter_overhead --mode default|counting|caching|meter [--steps N] [--warmup N]
 //                        [--threads N]  (intra-op threads; default: LibTorch's choice)
 //     default   LibTorch's own CPU allocator, glibc untouched
-//     mallopt   only glibc's mmap/trim thresholds pinned (the malloc policy install() sets)
-//     counting  cpu_alloc::install(): counting allocator + pinned thresholds
-//     meter     counting + a MemoryMeter that resets and samples peaks around each phase
+//     counting  cpu_alloc::install() outside a caching scope: every free pool segment is
+//               unmapped at once (resident memory follows tensor bytes)
+//     caching   the same allocator inside a cpu_alloc::CachingScope, as the trainer runs it
+//     meter     caching + a MemoryMeter that resets and samples peaks around each phase
 //               (forward, backward, optimizer), as the trainer's per-phase peaks do
 // Prints one line: mode=... steps=... median_step_ms=... median_cpu_ms=... minflt=...
 // peak_tensor_bytes=...
 // cpu_ms is the CPU time of all threads of the process (user + system, so page faults count) per
 // step: steadier than wall time on a machine that other jobs share. minflt is the minor page faults
-// per step (fresh pages the kernel had to map and zero): what pinning glibc's mmap threshold costs,
-// counted exactly rather than timed.
+// per step (fresh pages the kernel had to map and zero): what returning freed memory to the kernel
+// costs, counted exactly rather than timed.
 #include <malloc.h>
 #include <sys/resource.h>
 #include <time.h>
@@ -27,6 +28,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -67,7 +69,7 @@ double median(std::vector<double> v) {
 
 int usage() {
   std::fprintf(stderr,
-               "usage: bench_meter_overhead --mode default|mallopt|counting|meter "
+               "usage: bench_meter_overhead --mode default|counting|caching|meter "
                "[--steps N] [--warmup N] [--threads N]\n");
   return 2;
 }
@@ -90,21 +92,17 @@ int main(int argc, char** argv) {
     else
       return usage();
   }
-  if (mode != "default" && mode != "mallopt" && mode != "counting" && mode != "meter")
+  if (mode != "default" && mode != "counting" && mode != "caching" && mode != "meter")
     return usage();
   if (steps < 1 || warmup < 0 || threads < 0) return usage();
   if (threads > 0) torch::set_num_threads(threads);
 
   // Installed before any tensor exists, as the tool does at start-up.
   std::unique_ptr<autotune::MemoryMeter> meter;
-  if (mode == "mallopt") {
-    mallopt(M_MMAP_THRESHOLD, autotune::cpu_alloc::kMallocThresholdBytes);
-    mallopt(M_TRIM_THRESHOLD, autotune::cpu_alloc::kMallocThresholdBytes);
-  } else if (mode == "counting") {
-    autotune::cpu_alloc::install();
-  } else if (mode == "meter") {
-    meter = std::make_unique<autotune::MemoryMeter>(torch::kCPU);
-  }
+  std::optional<autotune::cpu_alloc::CachingScope> caching;
+  if (mode != "default") autotune::cpu_alloc::install();
+  if (mode == "caching" || mode == "meter") caching.emplace();
+  if (mode == "meter") meter = std::make_unique<autotune::MemoryMeter>(torch::kCPU);
 
   constexpr int64_t kWidth = 1024, kBatch = 128, kBlocks = 4;
   torch::manual_seed(0);

@@ -1,0 +1,37 @@
+// The optimizer step of the trainer: AdamW through LibTorch's fused kernel (one pass over each
+// parameter's weights, gradient and both moments, where torch::optim::AdamW runs eight tensor
+// ops per parameter), and gradient clipping on the foreach kernels. Neither reads a value back
+// to the host, so an accelerator is never stalled inside a step.
+#pragma once
+#include <unordered_map>
+#include <vector>
+
+#include <torch/torch.h>
+
+namespace autotune {
+
+// torch::optim::AdamW whose step() runs at::_fused_adamw_ per parameter group. The states are
+// torch::optim::AdamWParamState, so checkpoints save and load exactly as AdamW's.
+class FusedAdamW : public torch::optim::AdamW {
+ public:
+  using torch::optim::AdamW::AdamW;
+
+  // exp_avg and exp_avg_sq of every parameter with a gradient, created all or none: an OOM while
+  // they are allocated leaves no state half-made and the step can be re-run exactly.
+  void create_states();
+  // One AdamW update of every parameter with a gradient (creates missing states first).
+  torch::Tensor step(LossClosure closure = nullptr) override;
+  void load(torch::serialize::InputArchive& archive) override;
+
+ private:
+  // The fused kernel reads each parameter's step count from a float tensor on the parameter's
+  // device; kept here (and in step with the states' host counters) so no step makes new ones.
+  std::unordered_map<void*, torch::Tensor> step_tensors_;
+};
+
+// Scales the gradients of `params` so their global L2 norm is at most max_norm (as
+// torch.nn.utils.clip_grad_norm_ with foreach=True) and returns that norm before clipping, as a
+// scalar tensor on the gradients' device. Undefined when no parameter has a gradient.
+torch::Tensor clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm);
+
+}  // namespace autotune
