@@ -25,11 +25,15 @@ CONFIGS = [
     dict(name="gpt-4x256 ckpt", shape="gpt-4x256", micro_batch=8, precision="fp32", ckpt="on"),
     dict(name="gpt-10m", shape="gpt-10m", micro_batch=4, precision="fp32", ckpt="off"),
     dict(name="gpt-10m ckpt", shape="gpt-10m", micro_batch=4, precision="fp32", ckpt="on"),
-    # bf16 matmuls run at ~0.01x fp32 without AVX-512/AMX: the smallest model, few steps.
-    dict(name="gpt-mini bf16", shape="gpt-mini", micro_batch=4, precision="bf16", ckpt="off",
-         steps=8),
+    # bf16 autocast: as fast as fp32 or faster with AVX-512-BF16/AMX, ~0.01x without (AVX2 only):
+    # the smallest model, so either CPU finishes it.
+    dict(name="gpt-mini bf16", shape="gpt-mini", micro_batch=16, precision="bf16", ckpt="off"),
     dict(name="lstm-small", shape="lstm-small", micro_batch=16, precision="fp32", ckpt="off"),
+    # A user's model: the TorchScript interpreter (C++) against the same nn.Module in Python.
+    dict(name="t5_small (TorchScript)", shape="t5_small", micro_batch=16, precision="fp32",
+         ckpt="off"),
 ]
+EXAMPLES = {"t5_small": "T5Small"}  # examples/NAME.py:CLASS, exported as NAME.pt
 LSTM_SMALL = dict(channels=16, hidden=128, layers=2, seq_len=200, outputs=4)
 # Same computation: relative loss difference allowed at step 1 (same weights, same batch: only
 # summation order differs) and at step 10 (fused vs per-tensor AdamW, rounding compounds).
@@ -55,8 +59,14 @@ def model_files(tmp):
 
 def run_cpp(a, cfg, steps, models, tmp):
     run_dir = tempfile.mkdtemp(dir=tmp)
-    model = "lstm-small" if cfg["shape"] == "lstm-small" else models[cfg["shape"]]
-    cmd = [a.autotune, "train", "--model", model, "--data", a.data, "--device", "cpu",
+    if cfg["shape"] in EXAMPLES:
+        ex = os.path.join(a.root, "examples", cfg["shape"])
+        model, data = ex + ".pt", ["--data", ex + ".safetensors"]
+    elif cfg["shape"] == "lstm-small":
+        model, data = "lstm-small", []
+    else:
+        model, data = models[cfg["shape"]], ["--data", a.data]
+    cmd = [a.autotune, "train", "--model", model] + data + ["--device", "cpu",
            "--micro-batch", str(cfg["micro_batch"]), "--grad-accum", "1",
            "--precision", cfg["precision"], "--checkpointing", cfg["ckpt"], "--steps", str(steps),
            "--eval-sequences", "0", "--log-every", "1", "--run-dir", run_dir]
@@ -81,7 +91,11 @@ def run_py(a, cfg, steps, compile_):
            "--micro-batch", str(cfg["micro_batch"]), "--steps", str(steps),
            "--precision", cfg["precision"], "--checkpointing", cfg["ckpt"],
            "--threads", str(THREADS), "--count-allocations", "--data", a.data]
-    if cfg["shape"] == "lstm-small":
+    if cfg["shape"] in EXAMPLES:
+        ex = os.path.join(a.root, "examples", cfg["shape"])
+        cmd += ["--workload", "module", "--module", f"{ex}.py:{EXAMPLES[cfg['shape']]}",
+                "--data", ex + ".safetensors"]
+    elif cfg["shape"] == "lstm-small":
         cmd += ["--workload", "lstm"] + sum(
             [["--" + k.replace("_", "-"), str(v)] for k, v in LSTM_SMALL.items()], [])
     else:
@@ -99,6 +113,8 @@ def run_py(a, cfg, steps, compile_):
 
 
 def tokens_per_step(cfg):
+    if cfg["shape"] in EXAMPLES:
+        return cfg["micro_batch"]  # samples
     seq = LSTM_SMALL["seq_len"] if cfg["shape"] == "lstm-small" else GPT_SHAPES[cfg["shape"]][
         "seq_len"]
     return cfg["micro_batch"] * seq
@@ -146,7 +162,8 @@ def markdown(result):
     sides = result["sides"]
     out = []
     out.append(f"Command: `{result['command']}` ({result['rounds']} rounds alternated, "
-               f"{result['threads']} threads, torch {result['torch']}, median step of steps "
+               f"{result['threads']} threads, torch {result['torch']}, CPU capability "
+               f"{result['cpu_capability']}, median step of steps "
                f"{WARMUP_STEPS + 1}-N per run; tokens/s median (min-max) over rounds).\n")
     head = "| configuration | mb | " + " | ".join(f"{s} tok/s" for s in sides) + " | C++ ÷ eager"
     if "compile" in sides:
@@ -226,6 +243,11 @@ def main():
         ["baseline"] if a.baseline_bin else [])
     tmp = tempfile.mkdtemp(prefix="bench-vs-python-")
     models = model_files(tmp)
+    for name in EXAMPLES:  # the examples' model and data files, made by their scripts
+        if any(c["shape"] == name for c in configs) and not os.path.exists(
+                os.path.join(a.root, "examples", name + ".pt")):
+            subprocess.run([sys.executable, os.path.join(a.root, "examples", name + ".py")],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     check = check_same_computation(a, configs, models, tmp)
 
     runs = {c["name"]: {s: [] for s in sides} for c in configs}
@@ -272,7 +294,7 @@ def main():
         out_configs.append(entry)
     command = os.environ.get("AUTOTUNE_BENCH_COMMAND", "scripts/bench-vs-python").strip()
     result = dict(command=command, rounds=a.rounds, steps=a.steps, threads=THREADS,
-                  torch=torch.__version__, sides=sides, check=check, configs=out_configs,
+                  torch=torch.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability(), sides=sides, check=check, configs=out_configs,
                   date=time.strftime("%Y-%m-%d"))
     os.makedirs(os.path.join(a.root, "docs", "bench"), exist_ok=True)
     with open(os.path.join(a.root, "docs", "bench", "vs-python.json"), "w") as f:

@@ -160,6 +160,36 @@ class LstmData:
         return signal, angles
 
 
+# ---- a user's module on safetensors samples (src/torchscript_workload.cpp) ---------------------
+class NamedData:
+    """Samples of a safetensors file placed by the (seed, step, index) hash; the last 10% are the
+    validation set, as NamedTensorData does."""
+
+    def __init__(self, path, seed):
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                        "examples"))
+        from safetensors_io import load_file
+        self.tensors, self.seed = load_file(path), seed
+        n = next(iter(self.tensors.values())).shape[0]
+        self.n_train = n - max(1, n // 10)
+
+    def batch(self, stream, first, count, T=None, val=False):
+        rows = torch.tensor([sample_hash(self.seed, stream, first + i) % self.n_train
+                             for i in range(count)])
+        return {k: v.index_select(0, rows) for k, v in self.tensors.items()}
+
+
+def load_module(spec):
+    """FILE.py:CLASS, built after torch.manual_seed (as the example scripts export it)."""
+    import importlib.util
+    path, cls = spec.rsplit(":", 1)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    mod_spec = importlib.util.spec_from_file_location("user_model", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return getattr(mod, cls)()
+
+
 # ---- training (src/trainer.cpp) -----------------------------------------------------------------
 def learning_rate(lr, min_lr, steps, step):
     warmup = min(100, steps // 10)
@@ -184,7 +214,10 @@ def count_allocations(step_fn):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--workload", choices=["gpt", "lstm"], default="gpt")
+    ap.add_argument("--workload", choices=["gpt", "lstm", "module"], default="gpt")
+    ap.add_argument("--module", default="", help="module workload: FILE.py:CLASS")
+    ap.add_argument("--init-seed", type=int, default=0,
+                    help="module workload: the seed its weights were made with")
     ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--n-head", type=int, default=4)
     ap.add_argument("--d-model", type=int, default=128)
@@ -216,9 +249,13 @@ def main():
         model = GPT(a.n_layer, a.n_head, a.d_model, a.seq_len, a.vocab_size, a.dropout,
                     a.checkpointing == "on")
         data, T = TokenData(a.data, a.seed), a.seq_len
-    else:
+    elif a.workload == "lstm":
         model = LstmRegressor(a.channels, a.hidden, a.layers, a.outputs)
         data, T = LstmData(a.channels, a.outputs, a.seed), a.seq_len
+    else:
+        torch.manual_seed(a.init_seed)  # the exported .pt holds the weights made with this seed
+        model = load_module(a.module)
+        data, T = NamedData(a.data, a.seed), 1
     model.train()
     torch.manual_seed(a.seed)  # train(): dropout masks from the seed
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -236,9 +273,9 @@ def main():
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for m in range(a.grad_accum):
-            x, y = data.batch(step, m * a.micro_batch, a.micro_batch, T)
+            b = data.batch(step, m * a.micro_batch, a.micro_batch, T)
             with autocast:
-                loss = step_model(x, y) / a.grad_accum
+                loss = (step_model(b) if a.workload == "module" else step_model(*b)) / a.grad_accum
             loss.backward()
             loss_sum += loss.item()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

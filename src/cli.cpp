@@ -28,11 +28,19 @@ const char* kUsage =
 
 void add_common(cxxopts::Options& o) {
   o.add_options("common")(
-      "model", "GPT preset (gpt-tiny, gpt-mini, gpt-10m, gpt2-small), lstm preset, or JSON file",
-      cxxopts::value<std::string>())("data",
-                                     "token file from prepare-data (default data/corpus.tok)",
+      "model",
+      "GPT preset (gpt-tiny, gpt-mini, gpt-10m, gpt2-small), lstm preset, JSON file, or a "
+      "TorchScript FILE.pt (docs/MODELS.md)",
+      cxxopts::value<std::string>())(
+      "data",
+      "token file (.tok from prepare-data, nanoGPT or llm.c .bin; default data/corpus.tok), or "
+      "FILE.safetensors for a TorchScript model",
+      cxxopts::value<std::string>())(
+      "val-data",
+      "validation file (default: the data file's own split, val.bin beside a .bin, "
+      "or its last 10%)",
+      cxxopts::value<std::string>())("device", "auto | cpu | cuda[:N]",
                                      cxxopts::value<std::string>())(
-      "device", "auto | cpu | cuda[:N]", cxxopts::value<std::string>())(
       "global-batch", "sequences per optimizer step", cxxopts::value<std::string>())(
       "batch-tokens", "tokens per optimizer step (instead of --global-batch)",
       cxxopts::value<std::string>())("steps", "optimizer steps", cxxopts::value<std::string>())(
@@ -110,6 +118,7 @@ RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r) {
   s.command = command;
   take(r, "model", s.model);
   take(r, "data", s.data);
+  take(r, "val-data", s.val_data);
   take(r, "device", s.device);
   take(r, "global-batch", s.global_batch);
   take(r, "batch-tokens", s.batch_tokens);

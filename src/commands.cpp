@@ -10,8 +10,6 @@
 #include <cxxopts.hpp>
 
 #include "autotune/errors.h"
-#include "autotune/gpt_workload.h"
-#include "autotune/lstm_workload.h"
 #include "autotune/memory.h"
 #include "autotune/memory_monitor.h"
 #include "autotune/reporter.h"
@@ -25,23 +23,6 @@ namespace autotune {
 void init_logging_once() {
   static std::once_flag once;
   std::call_once(once, [] { init_logging(); });
-}
-
-std::unique_ptr<Workload> make_workload(const RunSpec& spec, const ModePolicy& policy) {
-  if (spec.model.rfind("lstm", 0) == 0 && !std::filesystem::exists(spec.model))
-    return std::make_unique<LstmWorkload>(load_lstm_config(spec.model), spec.seed);
-  GptConfig cfg = load_gpt_config(spec.model);
-  std::string data = spec.data.empty() ? "data/corpus.tok" : spec.data;
-  if (spec.data.empty() && !std::filesystem::exists(data))
-    throw UsageError(
-        "no --data given and the default corpus data/corpus.tok is missing; run "
-        "scripts/setup or `autotune prepare-data --input TEXT... --output FILE`");
-  auto w = std::make_unique<GptWorkload>(cfg, TokenFile::open(data), spec.seed);
-  // The memory mode decides the data path: positioned reads without caching in ultra-low-mem
-  // (resident memory stays flat), a byte-capped sample cache and bounded prefetch otherwise.
-  w->set_data_options({policy.pread_data ? ReadMode::pread : ReadMode::mmap, policy.cache_bytes,
-                       policy.prefetch_batches});
-  return w;
 }
 
 int prepare_data_command(int argc, char** argv) {

@@ -1,13 +1,11 @@
 #include "autotune/gpt.h"
 
 #include <ATen/ExpandUtils.h>
-#include <ATen/autocast_mode.h>
 
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <set>
-#include <tuple>
 
 #include "autotune/errors.h"
 #include "autotune/precision.h"
@@ -142,7 +140,7 @@ BlockImpl::BlockImpl(int64_t d_model, int64_t n_head, double dropout)
   resid_drop_ = register_module("resid_drop", torch::nn::Dropout(dropout));
 }
 
-std::pair<torch::Tensor, torch::Tensor> BlockImpl::forward_to_mlp_hidden(torch::Tensor x) {
+std::pair<torch::Tensor, torch::Tensor> BlockImpl::attention_and_mlp_hidden(torch::Tensor x) {
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), hs = C / n_head_;
   // Attention: qkv [B, T, 3C] -> q, k, v [B, H, T, hs]
   auto qkv = qkv_->forward(ln1_->forward(x)).split(C, /*dim=*/2);
@@ -156,16 +154,24 @@ std::pair<torch::Tensor, torch::Tensor> BlockImpl::forward_to_mlp_hidden(torch::
   return {x, torch::gelu(fc_->forward(ln2_->forward(x)))};
 }
 
-torch::Tensor BlockImpl::forward(torch::Tensor x) {
-  auto [x2, h] = forward_to_mlp_hidden(std::move(x));
+torch::Tensor BlockImpl::forward(const torch::Tensor& x) {
+  auto [x2, h] = attention_and_mlp_hidden(x);
   return x2 + resid_drop_->forward(mlp_proj_->forward(h));  // [B, T, 4C] -> [B, T, C]
 }
 
-torch::Tensor BlockImpl::mlp_proj_backward(const torch::Tensor& h, const torch::Tensor& g) {
+std::optional<std::vector<torch::Tensor>> BlockImpl::forward_before_last(const torch::Tensor& x) {
+  if (dropout_ > 0 && is_training()) return std::nullopt;
+  auto [x2, h] = attention_and_mlp_hidden(x);
+  return std::vector<torch::Tensor>{x2, h};
+}
+
+std::vector<torch::Tensor> BlockImpl::last_backward(const std::vector<torch::Tensor>& before,
+                                                    const torch::Tensor& g) {
   // Forward (at::linear on a contiguous 3-D input): addmm(b, h2, W^T) in h's dtype, h2 = h as
   // [N, 4C]. Backward, as autograd computes it: the upstream gradient cast to that dtype, then
   // dh = g2 W, dW = (g2^T h2), db = g2 summed to [C]; W and b get theirs back in fp32.
   torch::NoGradGuard no_grad;
+  const torch::Tensor& h = before[1];
   const auto dtype = h.scalar_type();
   const int64_t C = g.size(-1), N = g.numel() / C;
   const torch::Tensor g2 = g.to(dtype).reshape({N, C});
@@ -182,62 +188,8 @@ torch::Tensor BlockImpl::mlp_proj_backward(const torch::Tensor& h, const torch::
   };
   accumulate(w, g2.t().mm(h2));
   accumulate(b, at::sum_to(g2, b.sizes(), /*always_return_non_view=*/true));
-  return dh.view(h.sizes());
+  return {g, dh.view(h.sizes())};  // x2's share is the residual's: g as it is
 }
-
-namespace {
-// Activation checkpointing of one block: forward keeps only the block input; backward recomputes
-// the block under grad mode with the forward's RNG and autocast state (so dropout masks and
-// dtypes match) and back-propagates through the recomputed graph. Parameter gradients accumulate
-// into .grad by the inner backward, as in PyTorch's reentrant checkpoint.
-struct CheckpointedBlock : public torch::autograd::Function<CheckpointedBlock> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor x,
-                               BlockImpl* block) {
-    auto gen = at::globalContext().defaultGenerator(x.device());
-    ctx->saved_data["rng"] = gen.get_state();
-    ctx->saved_data["block"] = reinterpret_cast<int64_t>(block);
-    const auto type = x.device().type();
-    ctx->saved_data["autocast"] = at::autocast::is_autocast_enabled(type);
-    ctx->saved_data["autocast_dtype"] =
-        static_cast<int64_t>(at::autocast::get_autocast_dtype(type));
-    ctx->save_for_backward({x});
-    torch::NoGradGuard no_grad;
-    return block->forward(x);
-  }
-
-  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
-                                               torch::autograd::tensor_list grad_out) {
-    auto x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
-    auto* block = reinterpret_cast<BlockImpl*>(ctx->saved_data["block"].toInt());
-    auto gen = at::globalContext().defaultGenerator(x.device());
-    torch::Tensor outer_rng = gen.get_state();
-    gen.set_state(ctx->saved_data["rng"].toTensor());
-    // Without dropout the recomputation stops before the MLP's output projection, whose output
-    // backward never reads (what torch.utils.checkpoint's early stop achieves in Python): one of
-    // the block's four matmuls. With dropout its mask needs that output, so all is recomputed.
-    const bool early_stop = block->dropout() == 0.0;
-    torch::Tensor y, x2, h;
-    {
-      torch::AutoGradMode grad_on(true);
-      AutocastScope autocast(
-          x.device().type(), ctx->saved_data["autocast"].toBool(),
-          static_cast<c10::ScalarType>(ctx->saved_data["autocast_dtype"].toInt()));
-      if (early_stop)
-        std::tie(x2, h) = block->forward_to_mlp_hidden(x);
-      else
-        y = block->forward(x);
-    }
-    gen.set_state(outer_rng);
-    if (early_stop) {
-      const torch::Tensor dh = block->mlp_proj_backward(h, grad_out[0]);
-      torch::autograd::backward({x2, h}, {grad_out[0], dh});  // x2 + ...: the residual's share
-    } else {
-      torch::autograd::backward({y}, {grad_out[0]});
-    }
-    return {x.grad(), torch::Tensor()};
-  }
-};
-}  // namespace
 
 GptModel::GptModel(const GptConfig& cfg, bool checkpointing)
     : cfg_(cfg), checkpointing_(checkpointing) {
@@ -275,20 +227,18 @@ torch::Tensor GptModel::forward(const torch::Tensor& idx) {
   auto pos = torch::arange(T, idx.options());                        // [T]
   auto x = drop_->forward(wte_->forward(idx) + wpe_->forward(pos));  // [B, T, C]
   for (auto& block : blocks_)
-    x = checkpointing_ && is_training() && torch::GradMode::is_enabled()
-            ? CheckpointedBlock::apply(x, block.get())
-            : block->forward(x);
+    x = checkpointing_ && is_training() ? checkpointed(*block, x) : block->forward(x);
   x = ln_f_->forward(x);
   return torch::linear(x, wte_->weight);  // tied head: [B, T, C] x [V, C]^T -> [B, T, V]
 }
 
 torch::Tensor GptModel::loss(const Batch& batch) {
-  auto logits = forward(batch.input);
+  auto logits = forward(batch.input());
   const int64_t V = logits.size(-1);
   // The loss is computed in fp32 whatever the autocast dtype (B*T*V floats: often the single
   // largest tensor of a step).
   return torch::nn::functional::cross_entropy(logits.view({-1, V}).to(torch::kFloat32),
-                                              batch.target.reshape({-1}));
+                                              batch.target().reshape({-1}));
 }
 
 }  // namespace autotune

@@ -1,6 +1,7 @@
 #include "autotune/gpt_workload.h"
 
 #include <algorithm>
+#include <filesystem>
 
 #include <string>
 
@@ -42,7 +43,7 @@ void GptWorkload::set_data_options(const DataOptions& options) {
                      std::to_string(options.prefetch_batches));
   // Open first: if the file cannot be reopened, nothing has changed yet.
   std::shared_ptr<TokenFile> file = data_;
-  if (options.read_mode != data_->mode()) file = TokenFile::open(data_->path(), options.read_mode);
+  if (options.read_mode != data_->mode()) file = data_->reopen(options.read_mode);
 
   stop_loader();
   const bool new_file = file != data_;
@@ -118,6 +119,7 @@ nlohmann::json GptWorkload::config() const {
           {"model", config_.to_json()},
           {"data",
            {{"path", data_->path()},
+            {"format", to_string(data_->format())},
             {"train_tokens", data_->tokens(Split::train)},
             {"val_tokens", data_->tokens(Split::val)}}}};
 }
@@ -155,7 +157,8 @@ torch::Tensor GptWorkload::fill(Split split, uint64_t stream, int64_t first, int
                                 int64_t T, const std::atomic<bool>* cancel) const {
   const uint64_t n_starts = data_->tokens(split) - static_cast<uint64_t>(T);  // window = T+1
   // [count, T+1] tokens; input = [:, :T], target = [:, 1:]
-  auto buf = torch::empty({count, T + 1}, torch::kInt64);
+  auto buf = torch::empty({count, T + 1},
+                          torch::TensorOptions(torch::kInt64).pinned_memory(options_.pin_memory));
   int64_t* out = buf.data_ptr<int64_t>();
   for (int64_t i = 0; i < count; ++i) {
     if (cancel != nullptr && cancel->load(std::memory_order_relaxed)) return torch::Tensor();
@@ -175,12 +178,8 @@ torch::Tensor GptWorkload::fill(Split split, uint64_t stream, int64_t first, int
 
 Batch GptWorkload::to_batch(const torch::Tensor& buf, torch::Device device) const {
   const int64_t T = buf.size(1) - 1;
-  Batch b{buf.narrow(1, 0, T), buf.narrow(1, 1, T)};
-  if (device != torch::kCPU) {
-    b.input = b.input.to(device);
-    b.target = b.target.to(device);
-  }
-  return b;
+  Batch b(buf.narrow(1, 0, T), buf.narrow(1, 1, T));
+  return device == torch::kCPU ? b : b.to(device, /*non_blocking=*/true);
 }
 
 Batch GptWorkload::train_batch(int64_t step, int64_t first, int64_t count, const Plan& plan,
@@ -240,6 +239,28 @@ EstimateTerms GptWorkload::estimate_terms(const Plan& plan) const {
   e.terms.push_back({"batch", B * (T + 1) * 8});
   if (low) e.weight_copy_bytes = 2.0 * static_cast<double>(e.n_params);
   return e;
+}
+
+// ---- registry entry ----------------------------------------------------------------------------
+
+std::unique_ptr<Workload> make_gpt_workload(const RunSpec& spec, const ModePolicy& policy) {
+  GptConfig cfg = load_gpt_config(spec.model);
+  std::string data = spec.data.empty() ? "data/corpus.tok" : spec.data;
+  if (spec.data.empty() && !std::filesystem::exists(data))
+    throw UsageError(
+        "no --data given and the default corpus data/corpus.tok is missing; run "
+        "scripts/setup or `autotune prepare-data --input TEXT... --output FILE`");
+  if (std::filesystem::path(data).extension() == ".safetensors")
+    throw UsageError("--data " + data +
+                     " is a safetensors file, for a TorchScript --model "
+                     "FILE.pt; a GPT trains on a token file (.tok, nanoGPT or llm.c .bin)");
+  // The memory mode decides the data path: positioned reads without caching in ultra-low-mem
+  // (resident memory stays flat), a byte-capped sample cache and bounded prefetch otherwise.
+  const ReadMode mode = policy.pread_data ? ReadMode::pread : ReadMode::mmap;
+  auto w =
+      std::make_unique<GptWorkload>(cfg, TokenFile::open(data, mode, spec.val_data), spec.seed);
+  w->set_data_options({mode, policy.cache_bytes, policy.prefetch_batches, policy.pin_memory});
+  return w;
 }
 
 }  // namespace autotune

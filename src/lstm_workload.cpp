@@ -1,6 +1,7 @@
 #include "autotune/lstm_workload.h"
 
 #include <cmath>
+#include <filesystem>
 
 #include "autotune/errors.h"
 
@@ -52,8 +53,8 @@ class LstmRegressor : public TrainableModel {
     head_ = register_module("head", torch::nn::Linear(c.hidden, c.outputs));
   }
   torch::Tensor loss(const Batch& b) override {
-    auto h = std::get<0>(lstm_->forward(b.input));  // [B, T, hidden]
-    return torch::mse_loss(head_->forward(h).to(torch::kFloat32), b.target);
+    auto h = std::get<0>(lstm_->forward(b.input()));  // [B, T, hidden]
+    return torch::mse_loss(head_->forward(h).to(torch::kFloat32), b.target());
   }
 
  private:
@@ -110,7 +111,7 @@ Batch LstmWorkload::windows(uint64_t stream, int64_t first, int64_t count, const
   auto gen = at::make_generator<at::CPUGeneratorImpl>(splitmix64(seed_ ^ stream ^ (first * 7919)));
   auto signal =
       torch::matmul(velocity, mixing_) + 0.05 * torch::randn({count, T, config_.channels}, gen);
-  return {signal.to(device), angles.to(device)};
+  return Batch(signal, angles).to(device, /*non_blocking=*/true);
 }
 
 Batch LstmWorkload::train_batch(int64_t step, int64_t first, int64_t count, const Plan& plan,
@@ -148,6 +149,18 @@ EstimateTerms LstmWorkload::estimate_terms(const Plan& plan) const {
   if (plan.precision != Precision::fp32)
     e.weight_copy_bytes = 2.0 * static_cast<double>(e.n_params);
   return e;
+}
+
+// ---- registry entry ----------------------------------------------------------------------------
+
+bool is_lstm_model(const std::string& model) {
+  return model.rfind("lstm", 0) == 0 && !std::filesystem::exists(model);
+}
+
+std::unique_ptr<Workload> make_lstm_workload(const RunSpec& spec, const ModePolicy&) {
+  if (!spec.data.empty())
+    throw UsageError("the LSTM presets train on synthetic signals; drop --data " + spec.data);
+  return std::make_unique<LstmWorkload>(load_lstm_config(spec.model), spec.seed);
 }
 
 }  // namespace autotune

@@ -48,11 +48,14 @@ ModeChoice choose_mode(Mode requested, std::optional<uint64_t> budget_bytes,
 ModePolicy policy_for(Mode mode, std::optional<uint64_t> budget_bytes) {
   ModePolicy p;
   const uint64_t budget = budget_bytes.value_or(4 * kGiB);
+  // Every mode reads windows with pread: a memory-mapped data file's touched pages count in the
+  // process's RSS, which is the budget figure, and grow without bound with a large data set; a
+  // window's pread costs about a microsecond.
+  p.pread_data = true;
   switch (mode) {
     case Mode::ultra_low:
       p.start_small = true;
       p.eval_batch_cap = 2;
-      p.pread_data = true;
       p.cache_bytes = 0;
       p.prefetch_batches = 1;
       p.release_between_phases = true;

@@ -81,6 +81,7 @@ RunContext::RunContext(const RunSpec& spec) : spec_(spec), device_(resolve_devic
   policy_ = policy_for(mode_.mode, budget_bytes_);
   if (spec_.preset_start_small) policy_.start_small = true;
   if (spec_.log_every_memory > 0) policy_.monitor_every_steps = spec_.log_every_memory;
+  policy_.pin_memory = !device_.is_cpu();
   workload_ = make_workload(spec_, policy_);
   if (spec_.resume && list_checkpoints(spec_.run_dir).empty())
     throw UsageError("--resume: no complete checkpoint in " + checkpoint_dir(spec_.run_dir) +
@@ -154,12 +155,16 @@ void RunContext::print_settings(const Plan& plan, const std::string& plan_source
       {"threads", std::to_string(at::get_num_threads())},
       {"workload", w.kind() + " / " + w.model_name()},
       {"model", w.config().at("model").dump()},
+      {"data", w.describe_data().empty() ? "-" : w.describe_data()},
       {"plan source", plan_source},
       {"micro_batch", std::to_string(plan.micro_batch)},
       {"grad_accum", std::to_string(plan.grad_accum)},
-      {"global batch", std::to_string(plan.global_batch()) + " sequences = " +
-                           std::to_string(plan.global_batch() * w.tokens_per_sequence(plan)) +
-                           " tokens"},
+      {"global batch",
+       std::to_string(plan.global_batch()) + " sequences" +
+           (w.tokens_per_sequence(plan) > 1
+                ? " = " + std::to_string(plan.global_batch() * w.tokens_per_sequence(plan)) + " " +
+                      w.throughput_unit()
+                : "")},
       {"seq_len", std::to_string(T)},
       {"precision", to_string(plan.precision)},
       {"checkpointing", plan.checkpointing ? "on" : "off"},

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -325,11 +326,106 @@ PrepareStats prepare_token_file(const std::vector<std::string>& inputs, const st
 
 // ---- TokenFile ---------------------------------------------------------------------------------
 
-std::shared_ptr<TokenFile> TokenFile::open(const std::string& path, ReadMode mode) {
-  std::shared_ptr<TokenFile> tf(new TokenFile());
-  tf->path_ = path;
-  tf->mode_ = mode;
+std::string to_string(TokenFormat f) {
+  switch (f) {
+    case TokenFormat::autotune:
+      return "autotune .tok (uint16)";
+    case TokenFormat::nanogpt:
+      return "nanoGPT .bin (raw uint16)";
+    case TokenFormat::llmc_v1:
+      return "llm.c .bin v1 (uint16)";
+    case TokenFormat::llmc_v7:
+      return "llm.c .bin v7 (uint32)";
+  }
+  return "?";
+}
 
+namespace {
+
+// The validation file a .bin's name implies: "train" -> "val" in the file name (nanoGPT's
+// train.bin / val.bin, llm.c's x_train.bin / x_val.bin and x_train_000001.bin / x_val_000000.bin).
+std::string sibling_val_file(const std::string& path) {
+  const fs::path p(path);
+  std::string name = p.filename().string();
+  const auto at = name.rfind("train");
+  if (at == std::string::npos) return "";
+  name.replace(at, 5, "val");
+  fs::path candidate = p.parent_path() / name;
+  std::error_code ec;
+  if (fs::is_regular_file(candidate, ec)) return candidate.string();
+  // llm.c numbers its shards: x_val_000000.bin beside x_train_000001.bin.
+  const auto digits = name.find_first_of("0123456789", at);
+  const auto dot = name.rfind('.');
+  if (digits != std::string::npos && dot != std::string::npos && digits < dot) {
+    std::string zero = name;
+    for (auto i = digits; i < dot; ++i)
+      if (std::isdigit(static_cast<unsigned char>(zero[i]))) zero[i] = '0';
+    candidate = p.parent_path() / zero;
+    if (fs::is_regular_file(candidate, ec)) return candidate.string();
+  }
+  return "";
+}
+
+// The layout of a file and where its tokens start, from its first bytes. Refuses files that are
+// none of the formats, and .bin files whose llm.c header is damaged.
+struct Layout {
+  TokenFormat format = TokenFormat::autotune;
+  uint32_t token_bytes = 2;
+  uint64_t data_offset = 0;
+  uint64_t tokens = 0;  // the .bin formats: all of the file's tokens
+};
+
+Layout sniff_bin(const std::string& path, int fd, uint64_t size) {
+  Layout l;
+  int32_t h[256] = {};
+  if (size >= kLlmcHeaderBytes) {
+    ssize_t got = pread_full(fd, h, sizeof h, 0);
+    if (got != static_cast<ssize_t>(sizeof h)) refuse(path, "cannot be read");
+    const bool llmc_magic = h[0] == kLlmcMagicGpt2 || h[0] == kLlmcMagicLlama3;
+    // A header in llm.c's shape (a known version and a token count that fills the file) with
+    // another magic is a damaged llm.c file, not raw tokens that happen to look like one.
+    const bool shaped = (h[1] == 1 && h[2] > 0 && kLlmcHeaderBytes + uint64_t(h[2]) * 2 == size) ||
+                        (h[1] == 7 && h[2] > 0 && kLlmcHeaderBytes + uint64_t(h[2]) * 4 == size);
+    if (!llmc_magic && shaped)
+      refuse(path, "has an llm.c header with magic " + std::to_string(h[0]) + " (expected " +
+                       std::to_string(kLlmcMagicGpt2) + " or " + std::to_string(kLlmcMagicLlama3) +
+                       ")");
+    if (llmc_magic) {
+      const int32_t want_version = h[0] == kLlmcMagicGpt2 ? 1 : 7;
+      if (h[1] != want_version)
+        refuse(path, "has llm.c magic " + std::to_string(h[0]) + " with version " +
+                         std::to_string(h[1]) + " (this build reads version " +
+                         std::to_string(want_version) + " for that magic)");
+      l.format = h[0] == kLlmcMagicGpt2 ? TokenFormat::llmc_v1 : TokenFormat::llmc_v7;
+      l.token_bytes = h[0] == kLlmcMagicGpt2 ? 2 : 4;
+      l.data_offset = kLlmcHeaderBytes;
+      if (h[2] <= 0) refuse(path, "has an llm.c header with no tokens");
+      l.tokens = static_cast<uint64_t>(h[2]);
+      const uint64_t expected = kLlmcHeaderBytes + l.tokens * l.token_bytes;
+      if (size < expected)
+        refuse(path, "is truncated: its llm.c header promises " + std::to_string(l.tokens) +
+                         " tokens (" + std::to_string(expected) + " bytes) but the file has " +
+                         std::to_string(size) + " bytes");
+      if (size > expected)
+        refuse(path, "has " + std::to_string(size - expected) + " trailing bytes after the " +
+                         std::to_string(l.tokens) + " tokens its llm.c header declares");
+      return l;
+    }
+  }
+  if (fs::path(path).extension() != ".bin")
+    refuse(path,
+           "is not a token file (wrong magic: neither ATTOKENS nor llm.c's, and not a "
+           "nanoGPT .bin of raw uint16 tokens)");
+  if (size % 2 != 0)
+    refuse(path, "is truncated: a nanoGPT .bin holds 2-byte tokens but the file has an odd " +
+                     std::string("number of bytes (") + std::to_string(size) + ")");
+  l.format = TokenFormat::nanogpt;
+  l.tokens = size / 2;
+  return l;
+}
+
+// Opens `path` for reading (refusing folders, empty and unreadable files) and reports its size.
+std::pair<int, uint64_t> open_checked(const std::string& path) {
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) {
     if (errno == ENOENT || errno == ENOTDIR) refuse(path, "does not exist");
@@ -346,72 +442,169 @@ std::shared_ptr<TokenFile> TokenFile::open(const std::string& path, ReadMode mod
   if (::fstat(fd.fd, &st) != 0) refuse(path, "cannot be inspected (" + errno_text(errno) + ")");
   const uint64_t size = static_cast<uint64_t>(st.st_size);
   if (size == 0) refuse(path, "is empty");
-  if (size < sizeof(TokenFileHeader)) {
-    refuse(path, "is shorter than the 64-byte header (" + std::to_string(size) +
-                     " bytes); it is not a complete token file");
-  }
-  TokenFileHeader& h = tf->header_;
-  ssize_t got = pread_full(fd.fd, &h, sizeof h, 0);
-  if (got < 0) refuse(path, "cannot be read (" + errno_text(errno) + ")");
-  if (static_cast<size_t>(got) != sizeof h) refuse(path, "was truncated while reading the header");
-  if (std::memcmp(h.magic, kTokenMagic, sizeof h.magic) != 0) {
-    refuse(path, "is not a token file (wrong magic; expected ATTOKENS)");
-  }
-  if (h.version != kTokenFormatVersion) {
-    refuse(path, "has unsupported format version " + std::to_string(h.version) +
-                     " (this build reads version " + std::to_string(kTokenFormatVersion) + ")");
-  }
-  if (h.dtype_bytes != sizeof(uint16_t)) {
-    refuse(path, "has unsupported dtype_bytes " + std::to_string(h.dtype_bytes) +
-                     " (this build reads 2-byte tokens)");
-  }
-  if (h.vocab_size == 0 || h.vocab_size > 65536) {
-    refuse(path, "has invalid vocab_size " + std::to_string(h.vocab_size) +
-                     " (must be 1..65536 for 2-byte tokens)");
-  }
-  uint64_t total = 0, payload = 0, expected = 0;
-  if (__builtin_add_overflow(h.train_tokens, h.val_tokens, &total) ||
-      __builtin_mul_overflow(total, uint64_t{h.dtype_bytes}, &payload) ||
-      __builtin_add_overflow(payload, uint64_t{sizeof h}, &expected)) {
-    refuse(path, "has impossible token counts in its header (train " +
-                     std::to_string(h.train_tokens) + ", val " + std::to_string(h.val_tokens) +
-                     ")");
-  }
-  if (size < expected) {
-    refuse(path, "is truncated: the header promises " + std::to_string(total) + " tokens (" +
-                     std::to_string(expected) + " bytes) but the file has " + std::to_string(size) +
-                     " bytes");
-  }
-  if (size > expected) {
-    refuse(path, "has " + std::to_string(size - expected) + " trailing bytes after the " +
-                     std::to_string(total) + " tokens its header declares");
-  }
-  if (h.train_tokens == 0) refuse(path, "has an empty train split");
-  if (h.val_tokens == 0) refuse(path, "has an empty validation split");
+  return {fd.release(), size};
+}
 
-  if (mode == ReadMode::mmap) {
-    void* base = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd.fd, 0);
-    if (base == MAP_FAILED) {
-      throw RuntimeError("cannot memory-map token file " + one_line(path) + ": " +
-                         errno_text(errno) + "; try the pread read mode (--mode ultra-low)");
+}  // namespace
+
+TokenFile::Source::~Source() {
+  if (map_base != nullptr) ::munmap(map_base, map_bytes);
+  if (fd >= 0) ::close(fd);
+}
+
+TokenFile::~TokenFile() = default;
+
+std::shared_ptr<TokenFile> TokenFile::open(const std::string& path, ReadMode mode,
+                                           const std::string& val_path) {
+  std::shared_ptr<TokenFile> tf(new TokenFile());
+  tf->path_ = path;
+  tf->mode_ = mode;
+  tf->val_path_arg_ = val_path;
+
+  // Each file is mapped (mmap) or kept open (pread); the descriptor closes with its Source.
+  auto make_source = [mode](const std::string& p, int fd, uint64_t size) {
+    auto src = std::make_shared<Source>();
+    src->path = p;
+    src->fd = fd;
+    if (mode == ReadMode::mmap) {
+      void* base = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
+      if (base == MAP_FAILED)
+        throw RuntimeError("cannot memory-map token file " + one_line(p) + ": " +
+                           errno_text(errno) + "; try the pread read mode (--mode ultra-low)");
+      src->map_base = base;
+      src->map_bytes = size;
+      ::close(std::exchange(src->fd, -1));  // the mapping keeps the file alive
     }
-    tf->map_base_ = base;
-    tf->map_bytes_ = size;
-    tf->map_ = reinterpret_cast<const uint16_t*>(static_cast<const char*>(base) + sizeof h);
-    // The mapping keeps the file alive; the descriptor is not needed any more.
-  } else {
-    tf->fd_ = fd.release();
+    return src;
+  };
+
+  const auto [fd, size] = open_checked(path);
+  Fd guard(fd);
+  char magic[sizeof kTokenMagic] = {};
+  if (size >= sizeof magic && pread_full(fd, magic, sizeof magic, 0) != sizeof magic)
+    refuse(path, "cannot be read");
+  if (std::memcmp(magic, kTokenMagic, sizeof magic) == 0) {
+    if (!val_path.empty())
+      throw UsageError("--val-data " + one_line(val_path) + ": " + one_line(path) +
+                       " is an autotune .tok file and holds its own validation split; drop "
+                       "--val-data");
+    if (size < sizeof(TokenFileHeader)) {
+      refuse(path, "is shorter than the 64-byte header (" + std::to_string(size) +
+                       " bytes); it is not a complete token file");
+    }
+    TokenFileHeader h{};
+    ssize_t got = pread_full(fd, &h, sizeof h, 0);
+    if (got < 0) refuse(path, "cannot be read (" + errno_text(errno) + ")");
+    if (static_cast<size_t>(got) != sizeof h)
+      refuse(path, "was truncated while reading the header");
+    if (h.version != kTokenFormatVersion) {
+      refuse(path, "has unsupported format version " + std::to_string(h.version) +
+                       " (this build reads version " + std::to_string(kTokenFormatVersion) + ")");
+    }
+    if (h.dtype_bytes != sizeof(uint16_t)) {
+      refuse(path, "has unsupported dtype_bytes " + std::to_string(h.dtype_bytes) +
+                       " (this build reads 2-byte tokens)");
+    }
+    if (h.vocab_size == 0 || h.vocab_size > 65536) {
+      refuse(path, "has invalid vocab_size " + std::to_string(h.vocab_size) +
+                       " (must be 1..65536 for 2-byte tokens)");
+    }
+    uint64_t total = 0, payload = 0, expected = 0;
+    if (__builtin_add_overflow(h.train_tokens, h.val_tokens, &total) ||
+        __builtin_mul_overflow(total, uint64_t{h.dtype_bytes}, &payload) ||
+        __builtin_add_overflow(payload, uint64_t{sizeof h}, &expected)) {
+      refuse(path, "has impossible token counts in its header (train " +
+                       std::to_string(h.train_tokens) + ", val " + std::to_string(h.val_tokens) +
+                       ")");
+    }
+    if (size < expected) {
+      refuse(path, "is truncated: the header promises " + std::to_string(total) + " tokens (" +
+                       std::to_string(expected) + " bytes) but the file has " +
+                       std::to_string(size) + " bytes");
+    }
+    if (size > expected) {
+      refuse(path, "has " + std::to_string(size - expected) + " trailing bytes after the " +
+                       std::to_string(total) + " tokens its header declares");
+    }
+    if (h.train_tokens == 0) refuse(path, "has an empty train split");
+    if (h.val_tokens == 0) refuse(path, "has an empty validation split");
+    auto src = make_source(path, guard.release(), size);
+    tf->format_ = TokenFormat::autotune;
+    tf->vocab_size_ = h.vocab_size;
+    tf->train_ = {src, sizeof h, h.train_tokens};
+    tf->val_ = {src, sizeof h + h.train_tokens * 2, h.val_tokens};
+    tf->val_note_ = "its validation split";
+    return tf;
   }
+
+  // nanoGPT or llm.c: the validation split is another file, or this one's last 10%.
+  const Layout l = sniff_bin(path, fd, size);
+  tf->format_ = l.format;
+  tf->token_bytes_ = l.token_bytes;
+  auto src = make_source(path, guard.release(), size);
+  const std::string val_file = val_path.empty() ? sibling_val_file(path) : val_path;
+  if (!val_file.empty()) {
+    const auto [vfd, vsize] = open_checked(val_file);
+    Fd vguard(vfd);
+    const Layout vl = sniff_bin(val_file, vfd, vsize);
+    if (vl.format != l.format)
+      throw UsageError("--val-data " + one_line(val_file) + " is " + to_string(vl.format) +
+                       " but " + one_line(path) + " is " + to_string(l.format) +
+                       "; give a validation file of the same format");
+    tf->train_ = {src, l.data_offset, l.tokens};
+    tf->val_ = {make_source(val_file, vguard.release(), vsize), vl.data_offset, vl.tokens};
+    tf->val_note_ = one_line(val_file);
+  } else {
+    const uint64_t val_tokens = l.tokens / 10;
+    if (val_tokens == 0 || l.tokens - val_tokens == 0)
+      refuse(path, "has " + std::to_string(l.tokens) +
+                       " tokens, too few for a train and a validation split");
+    tf->train_ = {src, l.data_offset, l.tokens - val_tokens};
+    tf->val_ = {src, l.data_offset + (l.tokens - val_tokens) * l.token_bytes, val_tokens};
+    tf->val_note_ = "its last 10%";
+  }
+  const uint32_t max_token = tf->scan_max_token();
+  tf->vocab_size_ = max_token + 1;
   return tf;
 }
 
-TokenFile::~TokenFile() {
-  if (map_base_ != nullptr) ::munmap(map_base_, map_bytes_);
-  if (fd_ >= 0) ::close(fd_);
+std::shared_ptr<TokenFile> TokenFile::reopen(ReadMode mode) const {
+  return open(path_, mode, val_path_arg_);
+}
+
+std::string TokenFile::describe() const {
+  return to_string(format_) + ", " + std::to_string(train_.tokens) + " train + " +
+         std::to_string(val_.tokens) + " val tokens (validation: " + val_note_ + ")";
+}
+
+uint32_t TokenFile::scan_max_token() const {
+  // Every token, once, through positioned reads of a descriptor of its own: through the memory
+  // map the scan would leave the whole file resident, which the budget counts. The model's
+  // vocab_size is then checked against the largest (GptWorkload).
+  uint32_t max_token = 0;
+  std::vector<char> buf(kPreadChunkTokens * 4);
+  for (Split split : {Split::train, Split::val}) {
+    const Part& p = part(split);
+    Fd fd(::open(p.source->path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (fd.fd < 0) refuse(p.source->path, "cannot be opened (" + errno_text(errno) + ")");
+    for (uint64_t done = 0; done < p.tokens;) {
+      const uint64_t n = std::min<uint64_t>(kPreadChunkTokens, p.tokens - done);
+      if (pread_full(fd.fd, buf.data(), n * token_bytes_, p.byte_offset + done * token_bytes_) !=
+          static_cast<ssize_t>(n * token_bytes_))
+        refuse(p.source->path, "cannot be read to its end");
+      for (uint64_t i = 0; i < n; ++i) {
+        uint32_t t = 0;
+        std::memcpy(&t, buf.data() + i * token_bytes_, token_bytes_);  // little-endian
+        max_token = std::max(max_token, t);
+      }
+      done += n;
+    }
+  }
+  return max_token;
 }
 
 uint64_t TokenFile::tokens(Split split) const {
-  return split == Split::train ? header_.train_tokens : header_.val_tokens;
+  return part(split).tokens;
 }
 
 void TokenFile::read(Split split, uint64_t offset, int64_t count, int64_t* out) const {
@@ -425,35 +618,44 @@ void TokenFile::read(Split split, uint64_t offset, int64_t count, int64_t* out) 
   }
   if (count == 0) return;
   if (out == nullptr) throw std::invalid_argument("TokenFile::read: null destination");
-  // Token index within the whole file (the validation split follows the train split).
-  const uint64_t first = (split == Split::train ? 0 : header_.train_tokens) + offset;
-
+  const Part& p = part(split);
+  const uint64_t byte_offset = p.byte_offset + offset * token_bytes_;
+  auto widen = [&](const char* src, size_t k, int64_t* dst) {
+    if (token_bytes_ == 2) {
+      const auto* t = reinterpret_cast<const uint16_t*>(src);
+      for (size_t i = 0; i < k; ++i) dst[i] = t[i];
+    } else {
+      const auto* t = reinterpret_cast<const uint32_t*>(src);
+      for (size_t i = 0; i < k; ++i) dst[i] = t[i];
+    }
+  };
   if (mode_ == ReadMode::mmap) {
-    const uint16_t* src = map_ + first;
-    for (int64_t i = 0; i < count; ++i) out[i] = src[i];
+    widen(static_cast<const char*>(p.source->map_base) + byte_offset, static_cast<size_t>(count),
+          out);
     return;
   }
-  thread_local std::vector<uint16_t> buffer(kPreadChunkTokens);
+  thread_local std::vector<char> buffer(kPreadChunkTokens * 4);
   uint64_t done = 0;
   const uint64_t want = static_cast<uint64_t>(count);
   while (done < want) {
-    const size_t chunk = static_cast<size_t>(std::min<uint64_t>(want - done, buffer.size()));
-    const uint64_t byte_offset = sizeof(TokenFileHeader) + (first + done) * sizeof(uint16_t);
-    ssize_t got = pread_full(fd_, buffer.data(), chunk * sizeof(uint16_t), byte_offset);
+    const size_t chunk = static_cast<size_t>(std::min<uint64_t>(want - done, kPreadChunkTokens));
+    ssize_t got = pread_full(p.source->fd, buffer.data(), chunk * token_bytes_,
+                             byte_offset + done * token_bytes_);
     if (got < 0) {
-      throw RuntimeError("cannot read token file " + one_line(path_) + ": " + errno_text(errno));
+      throw RuntimeError("cannot read token file " + one_line(p.source->path) + ": " +
+                         errno_text(errno));
     }
-    if (static_cast<size_t>(got) != chunk * sizeof(uint16_t)) {
-      throw RuntimeError("token file " + one_line(path_) +
+    if (static_cast<size_t>(got) != chunk * token_bytes_) {
+      throw RuntimeError("token file " + one_line(p.source->path) +
                          " became shorter while open (was it rewritten?); " + kPrepareFix);
     }
-    for (size_t i = 0; i < chunk; ++i) out[done + i] = buffer[i];
+    widen(buffer.data(), chunk, out + done);
     done += chunk;
   }
 }
 
 double TokenFile::unigram_val_loss() const {
-  const uint32_t vocab = header_.vocab_size;
+  const uint32_t vocab = vocab_size_;
   std::vector<uint64_t> train_counts(vocab, 0), val_counts(vocab, 0);
   std::vector<int64_t> chunk(1 << 16);
   auto count_split = [&](Split split, std::vector<uint64_t>& counts) {
@@ -475,14 +677,14 @@ double TokenFile::unigram_val_loss() const {
   count_split(Split::val, val_counts);
   // Add-one smoothing: p(t) = (c_t + 1) / (N_train + V), so unseen validation bytes cost
   // ln(N_train + V) nats instead of infinity.
-  const double denom = static_cast<double>(header_.train_tokens) + vocab;
+  const double denom = static_cast<double>(train_.tokens) + vocab;
   double nats = 0.0;
   for (uint32_t t = 0; t < vocab; ++t) {
     if (val_counts[t] == 0) continue;
     const double p = (static_cast<double>(train_counts[t]) + 1.0) / denom;
     nats -= static_cast<double>(val_counts[t]) * std::log(p);
   }
-  return nats / static_cast<double>(header_.val_tokens);
+  return nats / static_cast<double>(val_.tokens);
 }
 
 }  // namespace autotune

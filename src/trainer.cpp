@@ -142,6 +142,7 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
     CheckpointMeta meta{step, plan, opt.seed, workload.config()};
     summary.last_checkpoint =
         save_checkpoint(opt.run_dir, meta, *model, optimizer, scaler.state(), opt.keep_checkpoints);
+    model->export_to(opt.run_dir);
     notify([&](TrainObserver& o) { o.on_checkpoint(step, summary.last_checkpoint); });
   };
 

@@ -39,11 +39,11 @@ TEST(Precision, Bf16ActivationsAreBf16) {
   auto model = std::dynamic_pointer_cast<GptModel>(w->build(p, torch::kCPU, 1));
   ASSERT_TRUE(model);
   auto batch = w->train_batch(0, 0, 2, p, torch::kCPU);
-  torch::Tensor logits_fp32 = model->forward(batch.input);
+  torch::Tensor logits_fp32 = model->forward(batch.input());
   torch::Tensor logits_bf16;
   {
     AutocastScope autocast(torch::kCPU, Precision::bf16);
-    logits_bf16 = model->forward(batch.input);
+    logits_bf16 = model->forward(batch.input());
   }
   EXPECT_EQ(logits_fp32.scalar_type(), torch::kFloat32);
   EXPECT_EQ(logits_bf16.scalar_type(), torch::kBFloat16);

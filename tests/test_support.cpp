@@ -40,15 +40,17 @@ std::string read_file(const std::string& path) {
 }
 
 namespace {
-// Starts the real binary with stdin from /dev/null and stdout/stderr to the given files.
-pid_t spawn_autotune(const std::vector<std::string>& args, const std::vector<std::string>& env,
-                     const std::string& out_path, const std::string& err_path) {
+// Starts `program` with `args` (argv[0] is the program), stdin from /dev/null and stdout/stderr
+// to the given files, the environment plus `env`.
+pid_t spawn(const std::string& program, const std::vector<std::string>& args,
+            const std::vector<std::string>& env, const std::string& out_path,
+            const std::string& err_path) {
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
   posix_spawn_file_actions_addopen(&fa, 1, out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   posix_spawn_file_actions_addopen(&fa, 2, err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-  std::vector<std::string> argv_s = {AUTOTUNE_BIN};
+  std::vector<std::string> argv_s = {program};
   argv_s.insert(argv_s.end(), args.begin(), args.end());
   std::vector<char*> argv;
   for (auto& a : argv_s) argv.push_back(a.data());
@@ -60,22 +62,18 @@ pid_t spawn_autotune(const std::vector<std::string>& args, const std::vector<std
   for (auto& e : env_s) envp.push_back(e.data());
   envp.push_back(nullptr);
   pid_t pid = 0;
-  int rc = posix_spawn(&pid, AUTOTUNE_BIN, &fa, nullptr, argv.data(), envp.data());
+  int rc = posix_spawn(&pid, program.c_str(), &fa, nullptr, argv.data(), envp.data());
   posix_spawn_file_actions_destroy(&fa);
-  if (rc != 0) throw std::runtime_error("cannot start " AUTOTUNE_BIN);
+  if (rc != 0) throw std::runtime_error("cannot start " + program);
   return pid;
 }
-}  // namespace
 
-pid_t start_autotune(const std::vector<std::string>& args) {
-  return spawn_autotune(args, {}, "/dev/null", "/dev/null");
-}
-
-ProcessResult run_autotune(const std::vector<std::string>& args,
-                           const std::vector<std::string>& env) {
+// Runs `program` to the end and collects its exit code and output.
+ProcessResult run(const std::string& program, const std::vector<std::string>& args,
+                  const std::vector<std::string>& env) {
   std::string dir = temp_dir("proc");
   std::string out_path = dir + "/out", err_path = dir + "/err";
-  const pid_t pid = spawn_autotune(args, env, out_path, err_path);
+  const pid_t pid = spawn(program, args, env, out_path, err_path);
   int status = 0;
   waitpid(pid, &status, 0);
   ProcessResult r;
@@ -84,6 +82,23 @@ ProcessResult run_autotune(const std::vector<std::string>& args,
   r.err = read_file(err_path);
   fs::remove_all(dir);
   return r;
+}
+}  // namespace
+
+pid_t start_autotune(const std::vector<std::string>& args) {
+  return spawn(AUTOTUNE_BIN, args, {}, "/dev/null", "/dev/null");
+}
+
+ProcessResult run_autotune(const std::vector<std::string>& args,
+                           const std::vector<std::string>& env) {
+  return run(AUTOTUNE_BIN, args, env);
+}
+
+ProcessResult run_python(const std::vector<std::string>& args) {
+  if (!fs::exists(AUTOTUNE_PYTHON))
+    throw std::runtime_error(std::string("the fixtures need the project's Python ") +
+                             AUTOTUNE_PYTHON + " with torch; run scripts/setup");
+  return run(AUTOTUNE_PYTHON, args, {});
 }
 
 std::string corpus_path() {

@@ -39,6 +39,10 @@ pid_t start_autotune(const std::vector<std::string>& args);
 // prepared on demand from the fortunes texts if missing.
 std::string corpus_path();
 
+// Runs the project's venv Python (AUTOTUNE_PYTHON) with `args`, capturing its output; throws
+// std::runtime_error naming the fix when that Python is missing, so a test fails loudly.
+ProcessResult run_python(const std::vector<std::string>& args);
+
 // Writes bytes to a file (for fixtures).
 void write_file(const std::string& path, const std::string& bytes);
 std::string read_file(const std::string& path);

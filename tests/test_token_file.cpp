@@ -19,9 +19,12 @@
 #include <vector>
 
 #include "autotune/errors.h"
+#include "autotune/gpt_workload.h"
 #include "test_support.h"
 
 namespace fs = std::filesystem;
+using autotune::GptWorkload;
+using autotune::load_gpt_config;
 using autotune::prepare_token_file;
 using autotune::PrepareStats;
 using autotune::ReadMode;
@@ -29,10 +32,12 @@ using autotune::RuntimeError;
 using autotune::Split;
 using autotune::TokenFile;
 using autotune::TokenFileHeader;
+using autotune::TokenFormat;
 using autotune::UsageError;
 using autotune::testing::FileSizeLimit;
 using autotune::testing::list_dir;
 using autotune::testing::read_file;
+using autotune::testing::run_autotune;
 using autotune::testing::temp_dir;
 using autotune::testing::write_file;
 
@@ -475,4 +480,101 @@ TEST(TokenFile, PreadReadsKeepResidentMemoryFlat) {
       fs::file_size(path) / 1048576.0, pread_growth / 1048576.0, mmap_growth / 1048576.0);
   EXPECT_LT(pread_growth, 8ll << 20);
   fs::remove_all(dir);
+}
+
+// ---- the token files nanoGPT and llm.c users already have --------------------------------------
+
+namespace {
+std::vector<int64_t> expected_tokens(int64_t n, int64_t vocab, int64_t seed) {
+  std::vector<int64_t> v(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) v[static_cast<size_t>(i)] = (i * 7919 + seed) % vocab;
+  return v;
+}
+std::vector<int64_t> all_tokens(const TokenFile& f, Split split) {
+  std::vector<int64_t> v(f.tokens(split));
+  f.read(split, 0, static_cast<int64_t>(v.size()), v.data());
+  return v;
+}
+std::string bins() {
+  static const std::string dir = [] {
+    const std::string d = temp_dir("token-bins");
+    auto r = autotune::testing::run_python(
+        {std::string(AUTOTUNE_SOURCE_DIR) + "/tests/fixtures/token_bins.py", d});
+    if (r.exit_code != 0) throw std::runtime_error("token_bins.py failed: " + r.err);
+    return d;
+  }();
+  return dir;
+}
+}  // namespace
+
+TEST(TokenFile, ReadsNanoGptAndLlmcFilesAsThoseProjectsWriteThem) {
+  for (ReadMode mode : kModes) {
+    // nanoGPT: raw uint16; val.bin beside train.bin is the validation split.
+    auto nano = TokenFile::open(bins() + "/nanogpt/train.bin", mode);
+    EXPECT_EQ(nano->format(), TokenFormat::nanogpt);
+    EXPECT_EQ(all_tokens(*nano, Split::train), expected_tokens(5000, 50257, 13));
+    EXPECT_EQ(all_tokens(*nano, Split::val), expected_tokens(700, 50257, 29));
+    int64_t largest = 0;
+    for (Split split : {Split::train, Split::val})
+      for (int64_t t : all_tokens(*nano, split)) largest = std::max(largest, t);
+    EXPECT_EQ(nano->vocab_size(), static_cast<uint32_t>(largest + 1));
+    EXPECT_NE(nano->describe().find("val.bin"), std::string::npos) << nano->describe();
+    // llm.c v1: header then uint16; tiny_val.bin beside tiny_train.bin.
+    auto v1 = TokenFile::open(bins() + "/llmc/tiny_train.bin", mode);
+    EXPECT_EQ(v1->format(), TokenFormat::llmc_v1);
+    EXPECT_EQ(all_tokens(*v1, Split::train), expected_tokens(4000, 50257, 13));
+    EXPECT_EQ(all_tokens(*v1, Split::val), expected_tokens(600, 50257, 29));
+    // llm.c v7: uint32 tokens beyond 65535; no val file, so its last 10% validates.
+    auto v7 = TokenFile::open(bins() + "/llmc7/tiny_train.bin", mode);
+    EXPECT_EQ(v7->format(), TokenFormat::llmc_v7);
+    auto all = expected_tokens(3000, 128256, 13);
+    EXPECT_EQ(all_tokens(*v7, Split::train), std::vector<int64_t>(all.begin(), all.end() - 300));
+    EXPECT_EQ(all_tokens(*v7, Split::val), std::vector<int64_t>(all.end() - 300, all.end()));
+    EXPECT_GT(v7->vocab_size(), 65536u);
+    // --val-data names the validation file explicitly.
+    auto given =
+        TokenFile::open(bins() + "/llmc7/tiny_train.bin", mode, bins() + "/llmc7/tiny_train.bin");
+    EXPECT_EQ(given->tokens(Split::val), 3000u);
+  }
+}
+
+TEST(TokenFile, RefusesDamagedNanoGptAndLlmcFiles) {
+  const std::string dir = temp_dir("bins-bad");
+  const std::string v1 = read_file(bins() + "/llmc/tiny_train.bin");
+  auto with = [&](const std::string& name, std::string bytes) {
+    write_file(dir + "/" + name, bytes);
+    return dir + "/" + name;
+  };
+  auto put_i32 = [](std::string s, size_t at, int32_t v) {
+    std::memcpy(s.data() + at * 4, &v, 4);
+    return s;
+  };
+  expect_refused(with("magic_train.bin", put_i32(v1, 0, 20240521)), "llm.c header with magic");
+  expect_refused(with("version_train.bin", put_i32(v1, 1, 3)), "version 3");
+  expect_refused(with("cut_train.bin", v1.substr(0, v1.size() - 10)), "is truncated");
+  expect_refused(with("odd.bin", read_file(bins() + "/nanogpt/train.bin") + "x"),
+                 "odd number of bytes");
+  expect_refused(with("tiny.bin", std::string(2, '\0')), "too few");
+}
+
+TEST(TokenFile, TokensBeyondTheModelsVocabAreRefusedWithTheFix) {
+  auto file = TokenFile::open(bins() + "/nanogpt/train.bin");
+  ASSERT_GT(file->vocab_size(), 50000u);
+  try {
+    GptWorkload w(load_gpt_config("gpt-tiny"), file, 1);
+    ADD_FAILURE() << "GPT-2 tokens accepted by a 256-token model";
+  } catch (const UsageError& e) {
+    EXPECT_NE(std::string(e.what()).find("set vocab_size >= " + std::to_string(file->vocab_size())),
+              std::string::npos)
+        << e.what();
+  }
+  // With the vocab it needs, the binary trains on it and names the format in its settings.
+  const std::string dir = temp_dir("bins-train");
+  write_file(dir + "/gpt.json", R"({"n_layer": 1, "n_head": 2, "d_model": 32, "seq_len": 32,
+                                    "vocab_size": 50304})");
+  auto r = run_autotune({"train", "--model", dir + "/gpt.json", "--data",
+                         bins() + "/llmc/tiny_train.bin", "--device", "cpu", "--micro-batch", "2",
+                         "--global-batch", "2", "--steps", "2", "--eval-sequences", "2"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("llm.c .bin v1 (uint16)"), std::string::npos) << r.err;
 }

@@ -23,6 +23,7 @@ nlohmann::json Estimate::to_json() const {
   nlohmann::json terms = nlohmann::json::object();
   for (const auto& l : lines) terms[l.name] = l.bytes;
   return {{"peak_bytes", peak_bytes},
+          {"activations_known", activations_known},
           {"peak_phase", peak_phase},
           {"tensor_peak_bytes", tensor_peak_bytes},
           {"baseline_bytes", baseline_bytes},
@@ -35,6 +36,7 @@ Estimate estimate_memory(const Workload& workload, const Plan& plan, uint64_t ba
   e.plan = plan;
   EstimateTerms t = workload.estimate_terms(plan);
   e.n_params = t.n_params;
+  e.activations_known = t.activations_known;
   const double P = static_cast<double>(t.n_params);
   // fp32 master weights and AdamW's exp_avg + exp_avg_sq (from the first optimizer step on);
   // fp32 gradients only from the backward to the optimizer step.
@@ -84,7 +86,16 @@ void print_estimate(const Estimate& e) {
   rows.push_back(
       {"tensor peak", format_bytes(e.tensor_peak_bytes) + " (at the " + e.peak_phase + " peak)"});
   rows.push_back({"process baseline", format_bytes(e.baseline_bytes)});
-  rows.push_back({"peak (budget figure)", format_bytes(e.peak_bytes)});
+  if (e.activations_known) {
+    rows.push_back({"peak (budget figure)", format_bytes(e.peak_bytes)});
+  } else {
+    rows.push_back({"activations",
+                    "not known ahead for this model: measured by probing "
+                    "(autotune --budget SIZE probes them)"});
+    rows.push_back({"peak (budget figure)", format_bytes(e.peak_bytes) +
+                                                " + activations (parameters, gradients and "
+                                                "AdamW states above are exact)"});
+  }
   print_table("estimate", rows);
 }
 

@@ -121,6 +121,9 @@ class ModelSearch {
               int64_t d_model)
       : w_(w), r_(r), s_(s), baseline_(baseline), seq_len_(seq_len), d_model_(d_model) {
     mbs_ = candidate_micro_batches(r);
+    activations_known_ =
+        w.estimate_terms(make_plan(r, mbs_.front(), {Precision::fp32, false}, seq_len, d_model))
+            .activations_known;
   }
 
   double estimate(Pair pair, int64_t mb) const {
@@ -148,7 +151,8 @@ class ModelSearch {
 
     int64_t next =
         largest_fitting(mbs, res.line, measured_line ? usable : kFirstGuessFraction * usable);
-    if (r_.start_small || next == 0) next = mbs.front();
+    if (r_.start_small || next == 0 || (!activations_known_ && !measured_line)) next = mbs.front();
+    int64_t measured_points = 0;
     int64_t lo_fit = 0, hi_fail = 0;  // largest known to fit, smallest known not to (0: none)
     std::optional<std::pair<int64_t, double>> last;  // the last measured (micro-batch, peak)
     while (next > 0) {
@@ -169,6 +173,7 @@ class ModelSearch {
         res.line.a = peak - res.line.b * static_cast<double>(next);
         res.measured = true;
         last = {next, peak};
+        ++measured_points;
       } else if (t.oom && peak > res.line.at(next)) {
         res.line.a = peak - res.line.b * static_cast<double>(next);  // a lower bound, at least
       }
@@ -180,6 +185,9 @@ class ModelSearch {
       // Nothing open is predicted to fit: believe the line above a fitting micro-batch; with
       // none fitting yet, measure the smallest open one, so "infeasible" is measured, not guessed.
       if (next == 0 && lo_fit == 0) next = open.front();
+      // No slope from the estimator: the second point comes from the next micro-batch up.
+      if (!activations_known_ && measured_points < 2 && lo_fit > 0 && !measured_line)
+        next = open.front();
     }
     // Tokens/s is not monotonic in the micro-batch (caches: gpt-mini at 8 ran 1.8x faster than
     // at 16 on this CPU), so walk down from the largest that fits while the next smaller one is
@@ -200,7 +208,8 @@ class ModelSearch {
   // estimator's difference between the two pairs.
   Line transfer(const PairResult& from, Pair to) const {
     const Line ef = estimator_line(from.pair), et = estimator_line(to);
-    const double b = ef.b > 0 ? from.line.b * et.b / ef.b : et.b;
+    // Without an estimated activation slope (an opaque model) the measured one carries over.
+    const double b = ef.b > 0 ? from.line.b * et.b / ef.b : from.line.b;
     return {from.line.a + (et.a - ef.a), b};
   }
 
@@ -211,6 +220,9 @@ class ModelSearch {
   uint64_t baseline_;
   int64_t seq_len_, d_model_;
   std::vector<int64_t> mbs_;
+  // False for an opaque model: the estimator's line has no activation slope, so the search starts
+  // at the smallest micro-batch, measures the next for the slope, then predicts and confirms.
+  bool activations_known_ = true;
 };
 
 // Lightning's BatchSizeFinder ("power"): double from 2 until a trial fails, then bisect.

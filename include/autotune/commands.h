@@ -15,8 +15,9 @@ int tune_command(const RunSpec& spec);  // run and probe
 int prepare_data_command(int argc, char** argv);
 int profiles_command(int argc, char** argv);
 
-// The workload a spec names: a GPT preset/JSON on a token file, or an LSTM preset.
-// The data path follows the memory mode's policy (read mode, cache cap, prefetch).
+// The workload a spec's --model names, from the table in src/workload_registry.cpp: a TorchScript
+// FILE.pt on safetensors data, an LSTM preset, or a GPT preset/JSON on a token file. The data
+// path follows the memory mode's policy (read mode, cache cap, prefetch).
 std::unique_ptr<Workload> make_workload(const RunSpec& spec, const ModePolicy& policy = {});
 
 void init_logging_once();

@@ -27,6 +27,9 @@ struct Estimate {
   std::string peak_phase;           // forward | backward | optimizer: where that peak is
   uint64_t baseline_bytes = 0;      // process memory outside tensors
   uint64_t peak_bytes = 0;          // the budget figure: tensor peak + baseline
+  // False for an opaque model: its activations are not counted above (the figures are a floor)
+  // and come from the probes.
+  bool activations_known = true;
   nlohmann::json to_json() const;
 };
 

@@ -9,6 +9,7 @@
 #include <torch/torch.h>
 #include <nlohmann/json.hpp>
 
+#include "autotune/activation_checkpoint.h"
 #include "autotune/workload.h"
 
 namespace autotune {
@@ -37,20 +38,25 @@ std::vector<std::string> gpt_preset_names();
 GptConfig load_gpt_config(const std::string& preset_or_file);
 GptConfig gpt_config_from_json(const nlohmann::json& j, const std::string& origin);
 
-class BlockImpl : public torch::nn::Module {
+class BlockImpl : public torch::nn::Module, public RecomputableBlock {
  public:
   BlockImpl(int64_t d_model, int64_t n_head, double dropout);
-  torch::Tensor forward(torch::Tensor x);  // [B, T, C] -> [B, T, C]
-  // All of forward but the MLP's output projection: the residual after attention x2 [B, T, C]
-  // and the MLP hidden h = gelu(fc(ln2(x2))) [B, T, 4C]; forward = x2 + drop(mlp_proj(h)).
-  std::pair<torch::Tensor, torch::Tensor> forward_to_mlp_hidden(torch::Tensor x);
-  // Gradients of out = x2 + mlp_proj(h) for the upstream gradient g [B, T, C], without its
-  // forward: adds to mlp_proj's weight and bias gradients and returns dL/dh. The same ATen ops
-  // autograd runs for it (in h's dtype, as under autocast), so the results are identical.
-  torch::Tensor mlp_proj_backward(const torch::Tensor& h, const torch::Tensor& g);
-  double dropout() const { return dropout_; }
+  torch::Tensor forward(const torch::Tensor& x) override;  // [B, T, C] -> [B, T, C]
+  // Without dropout the recomputation stops before the MLP's output projection (one of the
+  // block's four matmuls), which is what torch.utils.checkpoint's early stop gives Python: returns
+  // {x2, h}, the residual after attention [B, T, C] and the MLP hidden gelu(fc(ln2(x2)))
+  // [B, T, 4C], with forward = x2 + mlp_proj(h). With dropout its mask needs the projection's
+  // output, so the block is recomputed whole (nullopt).
+  std::optional<std::vector<torch::Tensor>> forward_before_last(const torch::Tensor& x) override;
+  // Gradients of x2 + mlp_proj(h) without its forward, with the ATen ops autograd runs for it (in
+  // h's dtype, as under autocast), so they are identical: {g, dL/dh}; mlp_proj's weight and bias
+  // gradients accumulate as AccumulateGrad does.
+  std::vector<torch::Tensor> last_backward(const std::vector<torch::Tensor>& before,
+                                           const torch::Tensor& g) override;
 
  private:
+  // The residual after attention and the MLP hidden (see forward_before_last).
+  std::pair<torch::Tensor, torch::Tensor> attention_and_mlp_hidden(torch::Tensor x);
   int64_t n_head_;
   double dropout_;
   torch::nn::LayerNorm ln1_{nullptr}, ln2_{nullptr};

@@ -4,6 +4,8 @@
 #include <memory>
 
 #include "autotune/gpt.h"
+#include "autotune/machine.h"
+#include "autotune/run_spec.h"
 #include "autotune/token_file.h"
 #include "autotune/workload.h"
 
@@ -22,6 +24,10 @@ struct DataOptions {
   // Train batches a background thread builds ahead (CPU tensors, counted by the CPU allocator
   // like any other); 0: no thread, every batch is built on request.
   int64_t prefetch_batches = 0;
+  // Batches for an accelerator are built in page-locked memory (LibTorch's pinned host
+  // allocator, outside the CPU counting allocator: a few KiB of tokens per batch) and copied
+  // with non_blocking, so the copy never waits for the host.
+  bool pin_memory = false;
 };
 
 // Counters since the workload was made (they survive set_data_options); bytes and entries are
@@ -82,6 +88,7 @@ class GptWorkload : public Workload {
   int64_t default_width() const override { return config_.d_model; }
   void validate(const Plan& plan) const override;
   int64_t tokens_per_sequence(const Plan& plan) const override { return seq_len(plan); }
+  std::string describe_data() const override { return data_->path() + ": " + data_->describe(); }
 
   std::shared_ptr<TrainableModel> build(const Plan& plan, torch::Device device,
                                         uint64_t seed) override;
@@ -116,5 +123,9 @@ class GptWorkload : public Workload {
   // Last: destroyed first, so its thread is joined while data_ and cache_ still exist.
   std::unique_ptr<BatchLoader> loader_;
 };
+
+// The registry's entry (src/workload_registry.cpp): a GPT preset or JSON config on a token file;
+// the data path follows the memory mode's policy (read mode, cache cap, prefetch, pinning).
+std::unique_ptr<Workload> make_gpt_workload(const RunSpec& spec, const ModePolicy& policy);
 
 }  // namespace autotune

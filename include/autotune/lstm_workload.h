@@ -3,6 +3,8 @@
 // deterministically from the seed: smooth angle trajectories, and channels that mix the angles'
 // velocities through a fixed random matrix plus noise, so the task is learnable.
 #pragma once
+#include "autotune/machine.h"
+#include "autotune/run_spec.h"
 #include "autotune/workload.h"
 
 namespace autotune {
@@ -48,5 +50,9 @@ class LstmWorkload : public Workload {
   uint64_t seed_;
   torch::Tensor mixing_;  // [outputs, channels] fixed by the seed
 };
+
+// The registry's entries (src/workload_registry.cpp): an lstm-* preset name (not a file).
+bool is_lstm_model(const std::string& model);
+std::unique_ptr<Workload> make_lstm_workload(const RunSpec& spec, const ModePolicy& policy);
 
 }  // namespace autotune

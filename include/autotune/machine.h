@@ -33,11 +33,14 @@ ModeChoice choose_mode(Mode requested, std::optional<uint64_t> budget_bytes,
 struct ModePolicy {
   bool start_small = false;    // tuner starts from the smallest micro-batch
   int64_t eval_batch_cap = 0;  // 0: no cap
-  bool pread_data = false;     // windows through positioned reads into a reused buffer
+  bool pread_data = true;      // windows through positioned reads (false: a memory map)
   uint64_t cache_bytes = 0;    // sample cache cap
   int64_t prefetch_batches = 2;
   bool release_between_phases = false;
   int64_t monitor_every_steps = 50;
+  // Train batches built in page-locked host memory, so their copies to an accelerator run
+  // asynchronously (non_blocking); set from the device, not the mode.
+  bool pin_memory = false;
 };
 ModePolicy policy_for(Mode mode, std::optional<uint64_t> budget_bytes);
 

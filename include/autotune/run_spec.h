@@ -20,7 +20,8 @@ std::optional<Mode> parse_mode(const std::string& s);
 struct RunSpec {
   std::string command = "run";          // run | probe | train | estimate
   std::string model = "gpt-mini";       // preset name or JSON file
-  std::string data;                     // token file (default: data/corpus.tok)
+  std::string data;                     // token or safetensors file (default: data/corpus.tok)
+  std::string val_data;                 // validation file (default: from `data`)
   std::string device = "auto";          // auto | cpu | cuda[:N] | any accelerator LibTorch knows
   std::string budget_text;              // as given ("10G"); empty: no budget
   std::optional<int64_t> global_batch;  // sequences per optimizer step (default 32)

@@ -47,18 +47,40 @@ PrepareStats prepare_token_file(const std::vector<std::string>& inputs, const st
 // resident memory stays flat however long the run).
 enum class ReadMode { mmap, pread };
 
+// The layouts `--data` takes, detected from the file's first bytes (and name):
+//   autotune  .tok: a 64-byte header (TokenFileHeader), uint16 train split then validation split
+//   nanogpt   nanoGPT's train.bin: raw little-endian uint16 tokens, no header
+//   llmc_v1   llm.c's .bin: 256 int32 (magic 20240520, version 1, token count), then uint16
+//   llmc_v7   llm.c's .bin: 256 int32 (magic 20240801, version 7, token count), then uint32
+enum class TokenFormat { autotune, nanogpt, llmc_v1, llmc_v7 };
+std::string to_string(TokenFormat f);
+
+constexpr int32_t kLlmcMagicGpt2 = 20240520;    // version 1, uint16 tokens
+constexpr int32_t kLlmcMagicLlama3 = 20240801;  // version 7, uint32 tokens
+constexpr size_t kLlmcHeaderBytes = 256 * sizeof(int32_t);
+
 class TokenFile {
  public:
-  // Opens and validates: missing/unreadable/empty file, wrong magic, unknown version, bad dtype,
-  // size not matching the header (truncated). Throws UsageError with one line naming the file,
-  // the problem and the fix ("run autotune prepare-data ...").
-  static std::shared_ptr<TokenFile> open(const std::string& path, ReadMode mode = ReadMode::mmap);
+  // Opens and validates any TokenFormat. Problems (missing/unreadable/empty file, wrong magic,
+  // unknown version, bad dtype, size not matching the header, a truncated token) throw
+  // UsageError with one line naming the file, the problem and the fix. The validation split:
+  // a .tok file's own; for the .bin formats `val_path` when given, else the file named like
+  // this one with "train" replaced by "val" when it exists (nanoGPT's val.bin, llm.c's *_val_*),
+  // else the last 10% of the tokens.
+  static std::shared_ptr<TokenFile> open(const std::string& path, ReadMode mode = ReadMode::mmap,
+                                         const std::string& val_path = "");
+  // The same files again with another read mode.
+  std::shared_ptr<TokenFile> reopen(ReadMode mode) const;
   ~TokenFile();
   TokenFile(const TokenFile&) = delete;
   TokenFile& operator=(const TokenFile&) = delete;
 
   const std::string& path() const { return path_; }
-  uint32_t vocab_size() const { return header_.vocab_size; }
+  TokenFormat format() const { return format_; }
+  // For the settings table: format, token width, where the validation split comes from.
+  std::string describe() const;
+  // The header's (.tok) or the largest token + 1 (the .bin formats, scanned at open).
+  uint32_t vocab_size() const { return vocab_size_; }
   uint64_t tokens(Split split) const;
   ReadMode mode() const { return mode_; }
 
@@ -70,14 +92,30 @@ class TokenFile {
   double unigram_val_loss() const;
 
  private:
+  // One open file: its descriptor (pread) or mapping (mmap).
+  struct Source {
+    std::string path;
+    int fd = -1;
+    void* map_base = nullptr;
+    size_t map_bytes = 0;
+    ~Source();
+  };
+  // Where a split's tokens are: a byte offset into a source and a count.
+  struct Part {
+    std::shared_ptr<Source> source;
+    uint64_t byte_offset = 0;
+    uint64_t tokens = 0;
+  };
   TokenFile() = default;
-  std::string path_;
-  TokenFileHeader header_{};
+  const Part& part(Split split) const { return split == Split::train ? train_ : val_; }
+  uint32_t scan_max_token() const;
+
+  std::string path_, val_path_arg_, val_note_;
+  TokenFormat format_ = TokenFormat::autotune;
   ReadMode mode_ = ReadMode::mmap;
-  int fd_ = -1;
-  const uint16_t* map_ = nullptr;  // whole file after the header (mmap mode)
-  size_t map_bytes_ = 0;
-  void* map_base_ = nullptr;
+  uint32_t token_bytes_ = 2;
+  uint32_t vocab_size_ = 0;
+  Part train_, val_;
 };
 
 }  // namespace autotune

@@ -2,6 +2,7 @@
 // header; it reads knobs and asks for models, batches and estimate terms through this interface.
 #pragma once
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -28,9 +29,21 @@ inline uint64_t sample_hash(uint64_t seed, uint64_t stream, int64_t index) {
 // The stream of validation samples, apart from every training step's stream.
 constexpr uint64_t kValidationStream = 0x5a17ULL << 40;
 
+// A micro-batch: named tensors, each with the sample count B as its first dimension, so a model
+// with several inputs (three feature streams, a signal window and its angles) needs no special
+// case. The GPT's are "input" [B, T] and "target" [B, T] (int64 tokens, next tokens); a
+// TorchScript model's are the names of its data file.
 struct Batch {
-  torch::Tensor input;   // e.g. [B, T] int64 tokens
-  torch::Tensor target;  // e.g. [B, T] int64 next tokens
+  std::map<std::string, torch::Tensor> tensors;
+
+  Batch() = default;
+  Batch(torch::Tensor input, torch::Tensor target);  // "input" and "target"
+  // Throws std::out_of_range naming the missing tensor and the ones there.
+  const torch::Tensor& at(const std::string& name) const;
+  const torch::Tensor& input() const { return at("input"); }
+  const torch::Tensor& target() const { return at("target"); }
+  int64_t samples() const;  // B (0 for an empty batch)
+  Batch to(torch::Device device, bool non_blocking = false) const;
 };
 
 // A model built by a workload for one plan. Parameters are fp32 master weights; autocast (owned
@@ -41,6 +54,9 @@ class TrainableModel : public torch::nn::Module {
   virtual torch::Tensor loss(const Batch& batch) = 0;
   // Recompute activations in backward (no-op where the model has no checkpointing).
   virtual void set_checkpointing(bool on) {}
+  // Files for the user beside each checkpoint in run_dir (a TorchScript model: the trained
+  // module, model.pt, for Python). Nothing by default.
+  virtual void export_to(const std::string& run_dir) {}
   // nanoGPT's rule: every parameter with dim >= 2 (matrices, embeddings) decays; biases and
   // norm gains do not.
   std::vector<torch::Tensor> decay_parameters();
@@ -68,6 +84,9 @@ struct EstimateTerms {
   // the first block's saved tensors (or its recomputation) plus its backward working memory.
   double backward_tail_bytes = 0;
   double weight_copy_bytes = 0;  // autocast's low-precision weight copies (alive in both)
+  // False for an opaque model (TorchScript): its activations are not in `terms` but measured by
+  // the probes, and the search fits its line from measured peaks alone.
+  bool activations_known = true;
 };
 
 class Workload {
@@ -82,8 +101,12 @@ class Workload {
   virtual int64_t default_width() const = 0;
   // Checks a plan against the model and the data; throws UsageError naming the fix.
   virtual void validate(const Plan& plan) const = 0;
-  // Units of work per sequence for throughput ("tokens" for a language model, "samples" else).
+  // Units of work per sequence for throughput (tokens for a language model, 1 for a model whose
+  // unit is the sample), and their name.
   virtual int64_t tokens_per_sequence(const Plan& plan) const = 0;
+  virtual std::string throughput_unit() const { return "tokens"; }
+  // The data, in a line for the settings table.
+  virtual std::string describe_data() const { return ""; }
 
   // A fresh model for the plan on `device`; initialisation is deterministic in `seed`.
   virtual std::shared_ptr<TrainableModel> build(const Plan& plan, torch::Device device,

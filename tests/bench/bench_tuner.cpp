@@ -5,7 +5,13 @@
 // run's measured peak / budget. Prints a table and writes JSON.
 //
 //   build/tests/bench/bench_tuner --data data/corpus.tok [--models gpt-mini,gpt-10m,lstm-small]
-//                                 [--steps 20] [--out docs/bench/tuner.json]
+//                                 [--steps 20] [--margin 5] [--out docs/bench/tuner.json]
+//
+// The budget is enforced as `autotune --budget` enforces it (RunContext::enforce_budget): the
+// allocator's reserved bytes capped at usable - baseline, the RSS checked against the budget at
+// every new mapping. Each row also records the drift the margin must cover (the chosen plan's
+// trial peak against its full run's peak) and the speed the search ranked it by (its trial's
+// tokens/s against the full run's).
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
@@ -53,6 +59,7 @@ std::unique_ptr<Workload> make(const std::string& name, const std::string& data)
 int main(int argc, char** argv) {
   std::string data = "data/corpus.tok", models = "gpt-mini,gpt-10m,lstm-small", out;
   int64_t full_steps = 20, global_batch = 32;
+  double margin_pct = 5;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
     if (k == "--data")
@@ -65,6 +72,8 @@ int main(int argc, char** argv) {
       global_batch = std::stoll(v);
     else if (k == "--out")
       out = v;
+    else if (k == "--margin")
+      margin_pct = std::stod(v);
   }
   MemoryMeter meter(torch::kCPU);
   nlohmann::json report = nlohmann::json::array();
@@ -137,14 +146,15 @@ int main(int argc, char** argv) {
           return t.tokens_per_s;
       return 0.0;
     };
-    // Budgets between the smallest and the largest plan's peak; usable = 95% of the budget.
+    // Budgets between the smallest and the largest plan's peak; usable = budget - margin.
     const std::vector<std::pair<std::string, double>> budgets = {
         {"tight", 0.15}, {"medium", 0.45}, {"loose", 1.10}};
     for (const auto& [label, frac] : budgets) {
       const uint64_t budget =
           static_cast<uint64_t>(static_cast<double>(lo) + frac * static_cast<double>(hi - lo)) +
           (4u << 20);
-      const uint64_t usable = budget - budget / 20;
+      const uint64_t usable =
+          budget - static_cast<uint64_t>(static_cast<double>(budget) * margin_pct / 100.0);
       // The oracle: the fastest grid plan known to fit, by the grid's peak or by a strategy's
       // full run under this budget (RSS differs by a few MiB between process states, so a plan
       // the grid measured just above may fit a strategy's run; then it is the one to beat).
@@ -176,6 +186,7 @@ int main(int argc, char** argv) {
         if (search != "model") r.precision = Precision::fp32;
         cpu_alloc::set_cap(std::max<int64_t>(
             0, static_cast<int64_t>(usable_now) - static_cast<int64_t>(meter.baseline_bytes())));
+        cpu_alloc::set_rss_limit(static_cast<int64_t>(budget_now));
         TunerResult res = tune(*w, r, meter);
         nlohmann::json row = {{"workload", name},
                               {"budget", label},
@@ -196,8 +207,14 @@ int main(int argc, char** argv) {
           MemoryMonitorOptions mo;
           mo.every_steps = 0;
           MemoryMonitor monitor(meter, mo);
+          struct StepRates : TrainObserver {  // tokens/s of each step after the first
+            std::vector<double> rates;
+            void on_step(const StepStats& s) override {
+              if (s.step > 1) rates.push_back(s.tokens_per_s);
+            }
+          } rates;
           try {
-            train(*w, *res.plan, opt, {&monitor});
+            train(*w, *res.plan, opt, {&monitor, &rates});
             use =
                 static_cast<double>(monitor.peak_budget_bytes()) / static_cast<double>(budget_now);
           } catch (const std::exception& e) {
@@ -206,9 +223,20 @@ int main(int argc, char** argv) {
           row["plan"] = *res.plan;
           row["plan_text"] = res.plan->describe();
           row["peak_over_budget"] = use;
+          row["full_run_peak_bytes"] = monitor.peak_budget_bytes();
+          for (const auto& t : res.trials)
+            if (t.plan == *res.plan) {
+              row["trial_peak_bytes"] = t.peak_bytes;
+              row["trial_tokens_per_s"] = t.tokens_per_s;
+            }
+          if (!rates.rates.empty()) {
+            std::sort(rates.rates.begin(), rates.rates.end());
+            row["full_run_tokens_per_s"] = rates.rates[rates.rates.size() / 2];
+          }
           if (use > 0 && use <= 1) oracle = std::max(oracle, grid_tps(*res.plan));
         }
         cpu_alloc::set_cap(std::nullopt);
+        cpu_alloc::set_rss_limit(std::nullopt);
         rows.push_back(row);
       }
       for (auto& row : rows) {
