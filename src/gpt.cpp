@@ -140,23 +140,32 @@ BlockImpl::BlockImpl(int64_t d_model, int64_t n_head, double dropout)
   resid_drop_ = register_module("resid_drop", torch::nn::Dropout(dropout));
 }
 
+namespace {
+// at::linear, as Python's nn.Linear calls it: on a contiguous [B, T, in] input one addmm with the
+// bias fused in. torch::nn::Linear::forward (F::linear) runs matmul and then adds the bias in a
+// pass of its own, and its backward reduces the bias gradient in another.
+torch::Tensor linear(const torch::nn::Linear& l, const torch::Tensor& x) {
+  return at::linear(x, l->weight, l->bias);
+}
+}  // namespace
+
 std::pair<torch::Tensor, torch::Tensor> BlockImpl::attention_and_mlp_hidden(torch::Tensor x) {
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), hs = C / n_head_;
   // Attention: qkv [B, T, 3C] -> q, k, v [B, H, T, hs]
-  auto qkv = qkv_->forward(ln1_->forward(x)).split(C, /*dim=*/2);
+  auto qkv = linear(qkv_, ln1_->forward(x)).split(C, /*dim=*/2);
   auto heads = [&](const torch::Tensor& t) { return t.view({B, T, n_head_, hs}).transpose(1, 2); };
   auto y = at::scaled_dot_product_attention(heads(qkv[0]), heads(qkv[1]), heads(qkv[2]),
                                             /*attn_mask=*/{}, is_training() ? dropout_ : 0.0,
                                             /*is_causal=*/true);
   y = y.transpose(1, 2).contiguous().view({B, T, C});  // [B, T, C]
-  x = x + resid_drop_->forward(attn_proj_->forward(y));
+  x = x + resid_drop_->forward(linear(attn_proj_, y));
   // MLP hidden: [B, T, C] -> [B, T, 4C]
-  return {x, torch::gelu(fc_->forward(ln2_->forward(x)))};
+  return {x, torch::gelu(linear(fc_, ln2_->forward(x)))};
 }
 
 torch::Tensor BlockImpl::forward(const torch::Tensor& x) {
   auto [x2, h] = attention_and_mlp_hidden(x);
-  return x2 + resid_drop_->forward(mlp_proj_->forward(h));  // [B, T, 4C] -> [B, T, C]
+  return x2 + resid_drop_->forward(linear(mlp_proj_, h));  // [B, T, 4C] -> [B, T, C]
 }
 
 std::optional<std::vector<torch::Tensor>> BlockImpl::forward_before_last(const torch::Tensor& x) {

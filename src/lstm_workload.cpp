@@ -54,7 +54,9 @@ class LstmRegressor : public TrainableModel {
   }
   torch::Tensor loss(const Batch& b) override {
     auto h = std::get<0>(lstm_->forward(b.input()));  // [B, T, hidden]
-    return torch::mse_loss(head_->forward(h).to(torch::kFloat32), b.target());
+    // at::linear: the bias fused into the matmul, as Python's nn.Linear (F::linear adds it apart).
+    return torch::mse_loss(at::linear(h, head_->weight, head_->bias).to(torch::kFloat32),
+                           b.target());
   }
 
  private:
