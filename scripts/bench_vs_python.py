@@ -70,8 +70,11 @@ def run_cpp(a, cfg, steps, models, tmp):
            "--micro-batch", str(cfg["micro_batch"]), "--grad-accum", "1",
            "--precision", cfg["precision"], "--checkpointing", cfg["ckpt"], "--steps", str(steps),
            "--eval-sequences", "0", "--log-every", "1", "--run-dir", run_dir]
-    p = subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                       text=True, env=dict(os.environ, OMP_NUM_THREADS=str(THREADS)))
+    p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS=str(THREADS)))
+    if p.returncode != 0:  # e.g. a --baseline-bin that predates the configuration's workload
+        lines = p.stderr.strip().splitlines()
+        return dict(error=lines[-1][:200] if lines else f"exit {p.returncode}")
     log = os.path.join(run_dir, "steps.jsonl")
     if not os.path.exists(log):
         # An older binary (--baseline-bin) without the step log: its step lines, whole ms.
@@ -138,6 +141,10 @@ def check_same_computation(a, configs, models, tmp):
             continue
         cpp = run_cpp(a, cfg, 10, models, tmp)
         py = run_py(a, cfg, 10, False)
+        if "error" in cpp or "error" in py:
+            print(f"check {cfg['name']}: {cpp.get('error') or py.get('error')}", file=sys.stderr)
+            rows.append(dict(config=cfg["name"], ok=False, error=cpp.get("error") or py.get("error")))
+            continue
         d1 = abs(cpp["losses"][0] - py["losses"][0]) / abs(py["losses"][0])
         d10 = abs(cpp["losses"][9] - py["losses"][9]) / abs(py["losses"][9])
         ok = d1 <= TOL_STEP1 and d10 <= TOL_STEP10
@@ -209,6 +216,9 @@ def markdown(result):
     out.append("| configuration | step 1 C++ / Python | step 10 C++ / Python | ok |")
     out.append("|---|---|---|---|")
     for c in result["check"]:
+        if "error" in c:
+            out.append(f"| {c['config']} | {c['error']} | - | NO |")
+            continue
         out.append(f"| {c['config']} | {c['cpp_step1']:.6f} / {c['py_step1']:.6f} "
                    f"({c['rel_diff_step1']:.1e}) | {c['cpp_step10']:.6f} / {c['py_step10']:.6f} "
                    f"({c['rel_diff_step10']:.1e}) | {'yes' if c['ok'] else 'NO'} |")

@@ -101,6 +101,9 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointMeta& me
       archive.write("meta", c10::IValue(m.dump()));
       archive.write("rng_cpu", at::detail::getDefaultCPUGenerator().get_state(),
                     /*is_buffer=*/true);
+      if (!meta.device.is_cpu())
+        archive.write("rng_device", at::globalContext().defaultGenerator(meta.device).get_state(),
+                      /*is_buffer=*/true);
       archive.write("loss_scaler", loss_scaler_state, /*is_buffer=*/true);
       write_archive(archive, tmp);
     });
@@ -142,8 +145,8 @@ std::optional<CheckpointMeta> read_checkpoint_meta(const std::string& path) {
 }
 
 CheckpointMeta load_checkpoint(const std::string& path, torch::nn::Module& model,
-                               torch::optim::Optimizer& optimizer,
-                               torch::Tensor* loss_scaler_state) {
+                               torch::optim::Optimizer& optimizer, torch::Tensor* loss_scaler_state,
+                               torch::Device device) {
   torch::serialize::InputArchive archive;
   archive.load_from(path);
   CheckpointMeta meta = parse_meta(archive);
@@ -156,6 +159,11 @@ CheckpointMeta load_checkpoint(const std::string& path, torch::nn::Module& model
   archive.read("rng_cpu", rng, /*is_buffer=*/true);
   at::Generator gen = at::detail::getDefaultCPUGenerator();  // a handle: shares the state
   gen.set_state(rng);
+  torch::Tensor device_rng;
+  if (!device.is_cpu() && archive.try_read("rng_device", device_rng, /*is_buffer=*/true)) {
+    at::Generator device_gen = at::globalContext().defaultGenerator(device);  // a handle
+    device_gen.set_state(device_rng);
+  }
   if (loss_scaler_state) archive.read("loss_scaler", *loss_scaler_state, /*is_buffer=*/true);
   return meta;
 }

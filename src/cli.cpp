@@ -10,6 +10,8 @@
 
 #include "autotune/commands.h"
 #include "autotune/errors.h"
+#include "autotune/report.h"
+#include "autotune/reporter.h"
 #include "autotune/run_spec.h"
 #include "autotune/size.h"
 
@@ -24,52 +26,60 @@ const char* kUsage =
     "       autotune estimate [plan flags] [options] analytic memory breakdown; runs nothing\n"
     "       autotune prepare-data --input PATH... --output FILE\n"
     "       autotune profiles list | show FILE | diff A B\n"
+    "       autotune report PROFILE [--run DIR] --output FILE   draw a profile and a run\n"
     "sizes: 10G = 10 GiB (2^30 bytes), 10GB = 10^9 bytes, 512M, 0.5T, bytes, 80% of the device\n";
 
+// Every option with its default and unit: `autotune CMD --help` prints this table.
 void add_common(cxxopts::Options& o) {
+  auto text = [] { return cxxopts::value<std::string>(); };
   o.add_options("common")(
       "model",
-      "GPT preset (gpt-tiny, gpt-mini, gpt-10m, gpt2-small), lstm preset, JSON file, or a "
-      "TorchScript FILE.pt (docs/MODELS.md)",
-      cxxopts::value<std::string>())(
-      "data",
-      "token file (.tok from prepare-data, nanoGPT or llm.c .bin; default data/corpus.tok), or "
-      "FILE.safetensors for a TorchScript model",
-      cxxopts::value<std::string>())(
-      "val-data",
-      "validation file (default: the data file's own split, val.bin beside a .bin, "
-      "or its last 10%)",
-      cxxopts::value<std::string>())("device", "auto | cpu | cuda[:N]",
-                                     cxxopts::value<std::string>())(
-      "global-batch", "sequences per optimizer step", cxxopts::value<std::string>())(
-      "batch-tokens", "tokens per optimizer step (instead of --global-batch)",
-      cxxopts::value<std::string>())("steps", "optimizer steps", cxxopts::value<std::string>())(
-      "seed", "random seed", cxxopts::value<std::string>())("lr", "peak learning rate",
-                                                            cxxopts::value<std::string>())(
-      "eval-every", "evaluate every N steps (0: at the end)", cxxopts::value<std::string>())(
-      "eval-sequences", "validation sequences per evaluation", cxxopts::value<std::string>())(
-      "log-every", "progress line every N steps", cxxopts::value<std::string>())(
-      "run-dir", "checkpoints and memory timeline go here", cxxopts::value<std::string>())(
-      "checkpoint-every", "checkpoint every N steps (0: at the end)",
-      cxxopts::value<std::string>())("resume", "continue from the newest checkpoint in --run-dir")(
-      "budget", "memory budget, e.g. 10G", cxxopts::value<std::string>())(
-      "margin", "safety margin below the budget (bytes or %)", cxxopts::value<std::string>())(
-      "profile-dir", "profile store (default profiles/)", cxxopts::value<std::string>())(
-      "profile", "use this profile file", cxxopts::value<std::string>())(
-      "mode", "auto | normal | low | ultra-low", cxxopts::value<std::string>())(
-      "preset", "tuner policy from profiles/presets", cxxopts::value<std::string>())(
-      "search", "model | power | halve", cxxopts::value<std::string>())(
-      "allow-shrink", "seq,width: knobs that may change the task or model",
-      cxxopts::value<std::string>())("reprobe", "probe even if a profile matches")(
+      "GPT preset (gpt-tiny, gpt-mini, gpt-10m, gpt2-small), LSTM preset (lstm-small, "
+      "lstm-medium, lstm-large), a JSON config, or a TorchScript FILE.pt (docs/MODELS.md); "
+      "default gpt-mini",
+      text())("data",
+              "token file (.tok from prepare-data, nanoGPT or llm.c .bin), or FILE.safetensors "
+              "for a TorchScript model; default data/corpus.tok",
+              text())("val-data",
+                      "validation file; default: the data file's own split, val.bin beside a "
+                      ".bin, else its last 10%",
+                      text())("device", "auto | cpu | cuda[:N]; default auto", text())(
+      "global-batch", "sequences per optimizer step; default 32", text())(
+      "batch-tokens", "tokens per optimizer step, instead of --global-batch", text())(
+      "steps", "optimizer steps; default 200", text())("seed", "random seed; default 1337", text())(
+      "lr", "peak learning rate (warmup, then cosine to lr/10); default 1e-3", text())(
+      "eval-every", "evaluate every N steps; default 0 (at the end only)", text())(
+      "eval-sequences", "validation sequences per evaluation; default 64", text())(
+      "log-every", "a progress line every N steps; default 10", text())(
+      "run-dir", "checkpoints, the memory timeline and the step log go here; default none", text())(
+      "checkpoint-every", "checkpoint every N steps; default 0 (at the end)", text())(
+      "resume",
+      "continue from the newest complete checkpoint in --run-dir; `--resume auto` starts fresh "
+      "when there is none",
+      cxxopts::value<std::string>()->implicit_value("yes"))(
+      "budget", "memory budget: 10G = 10 GiB, 10GB = 10^9 bytes, 512M, 80% of the device", text())(
+      "host-budget", "host RAM budget of an accelerator run (size); default: available RAM - 2 GiB",
+      text())("margin", "safety margin below the budget, bytes or % of it; default 5%", text())(
+      "profile-dir", "profile store; default profiles/", text())(
+      "profile", "use this profile file (train: its plan; run/probe: verify and reuse it)", text())(
+      "mode", "auto | normal | low | ultra-low; default auto (from memory and budget)", text())(
+      "preset", "tuner policy from profiles/presets (NAME or FILE.json)", text())(
+      "search", "model | power | halve; default model", text())(
+      "allow-shrink", "seq,width: knobs that may change the task or the model; default none",
+      text())("reprobe", "probe even if a profile matches")(
       "require-profile-save", "fail when the profile cannot be saved")(
-      "json", "print one JSON summary on stdout")("h,help", "show help");
-  o.add_options("plan")("micro-batch", "sequences per forward/backward",
-                        cxxopts::value<std::string>())(
-      "grad-accum", "micro-batches per optimizer step", cxxopts::value<std::string>())(
-      "precision", "fp32 | bf16 | fp16", cxxopts::value<std::string>())(
-      "checkpointing", "on | off", cxxopts::value<std::string>())("seq-len", "tokens per sequence",
-                                                                  cxxopts::value<std::string>())(
-      "eval-batch", "sequences per evaluation forward", cxxopts::value<std::string>());
+      "json", "print one JSON summary on stdout (logs stay on stderr)")(
+      "quiet", "warnings, errors and the final summary only")(
+      "verbose", "also debug lines, and the memory line at every log line")("h,help", "show help");
+  o.add_options("plan")("micro-batch", "sequences per forward/backward; default 8 (train)", text())(
+      "grad-accum", "micro-batches per optimizer step; default global / micro-batch", text())(
+      "precision", "fp32 | bf16 | fp16; default fp32 (train), searched (run, probe)", text())(
+      "checkpointing", "on | off: recompute activations in backward; default off", text())(
+      "seq-len", "tokens per sequence; default the model's", text())(
+      "d-model",
+      "model width (a plan a profile holds after --allow-shrink width); default the "
+      "model's",
+      text())("eval-batch", "sequences per evaluation forward; default the micro-batch", text());
 }
 
 // Numbers are taken as text and converted here, so a bad value names its flag.
@@ -130,8 +140,18 @@ RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r) {
   take(r, "log-every", s.log_every);
   take(r, "run-dir", s.run_dir);
   take(r, "checkpoint-every", s.checkpoint_every);
-  s.resume = r.count("resume") > 0;
+  if (r.count("resume")) {
+    const std::string v = r["resume"].as<std::string>();
+    if (v != "yes" && v != "auto")
+      throw UsageError("invalid --resume '" + v + "': give --resume alone, or --resume auto");
+    s.resume = true;
+    s.resume_auto = v == "auto";
+  }
+  s.quiet = r.count("quiet") > 0;
+  s.verbose = r.count("verbose") > 0;
+  if (s.quiet && s.verbose) throw UsageError("give --quiet or --verbose, not both");
   take(r, "budget", s.budget_text);
+  take(r, "host-budget", s.host_budget_text);
   take(r, "margin", s.margin_text);
   s.margin_given = r.count("margin") > 0;
   s.mode_given = r.count("mode") > 0;
@@ -145,6 +165,7 @@ RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r) {
   take(r, "micro-batch", s.micro_batch);
   take(r, "grad-accum", s.grad_accum);
   take(r, "seq-len", s.seq_len);
+  take(r, "d-model", s.d_model);
   take(r, "eval-batch", s.eval_batch);
   if (r.count("precision")) s.precision = parse_precision(r["precision"].as<std::string>());
   if (r.count("checkpointing")) {
@@ -185,6 +206,7 @@ RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r) {
   if (s.micro_batch) positive("micro-batch", *s.micro_batch);
   if (s.grad_accum) positive("grad-accum", *s.grad_accum);
   if (s.seq_len) positive("seq-len", *s.seq_len);
+  if (s.d_model) positive("d-model", *s.d_model);
   if (s.eval_batch) positive("eval-batch", *s.eval_batch);
   if (s.eval_every < 0 || s.checkpoint_every < 0 || s.eval_sequences < 0)
     throw UsageError("--eval-every, --checkpoint-every and --eval-sequences must be >= 0");
@@ -196,6 +218,7 @@ RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r) {
   if (s.budget_text.empty() && (command == "run" || command == "probe"))
     throw UsageError("autotune " + command + " needs --budget SIZE, e.g. --budget 8G");
   if (!s.budget_text.empty()) parse_size(s.budget_text, uint64_t{1} << 40);  // syntax check
+  if (!s.host_budget_text.empty()) parse_size(s.host_budget_text, uint64_t{1} << 40);
   return s;
 }
 
@@ -212,6 +235,7 @@ int dispatch(int argc, char** argv) {
   }
   if (command == "prepare-data") return prepare_data_command(argc - first + 1, argv + first - 1);
   if (command == "profiles") return profiles_command(argc - first + 1, argv + first - 1);
+  if (command == "report") return report_command(argc - first + 1, argv + first - 1);
   if (command != "run" && command != "probe" && command != "train" && command != "estimate")
     throw UsageError("unknown command '" + command +
                      "': use run, probe, train, estimate, prepare-data or profiles");
@@ -228,6 +252,11 @@ int dispatch(int argc, char** argv) {
     return kExitOk;
   }
   RunSpec spec = spec_from(command, result);
+  spec.command_line = "autotune";
+  for (int i = 1; i < argc; ++i) spec.command_line += std::string(" ") + argv[i];
+  if (spec.json) live_line::set_enabled(false);  // plain lines beside a machine-read stdout
+  if (spec.quiet) spdlog::set_level(spdlog::level::warn);
+  if (spec.verbose) spdlog::set_level(spdlog::level::debug);
   if (command == "train") return train_command(spec);
   if (command == "estimate") return estimate_command(spec);
   return tune_command(spec);  // run | probe

@@ -55,6 +55,7 @@ int train_command(const RunSpec& spec) {
   RunContext ctx(spec);
   Plan plan = plan_from_pins(spec, ctx.workload().default_seq_len(), /*default_micro_batch=*/8);
   ctx.workload().validate(plan);
+  ctx.warm_up();
   ctx.print_settings(plan, "explicit (autotune train)");
   RunSummary summary = ctx.train(plan);
   if (spec.json) std::cout << ctx.summary_json(summary).dump(2) << std::endl;

@@ -13,6 +13,7 @@
 namespace autotune {
 
 namespace detail {
+bool cuda_bf16_fast(c10::DeviceIndex index);
 std::string cuda_device_name(c10::DeviceIndex index) {
   cudaDeviceProp prop{};
   if (cudaGetDeviceProperties(&prop, index) != cudaSuccess) {
@@ -24,25 +25,37 @@ std::string cuda_device_name(c10::DeviceIndex index) {
 }  // namespace detail
 
 // The budget counts what nvidia-smi charges to the process: reserved blocks plus the context. The
-// fraction caps only the caching allocator's reserved bytes, so the context measured now is
-// taken off first. On a shared GPU, other processes' memory is indistinguishable from our
-// context (cudaMemGetInfo is device-wide): it is taken off too, which errs on the safe side.
-bool enforce_device_budget(torch::Device device, uint64_t budget_bytes) {
+// fraction caps only the caching allocator's reserved bytes, so the context (the meter's one
+// measurement, taken after a warm-up step) is taken off first. On a shared GPU, other processes'
+// memory is indistinguishable from our context (cudaMemGetInfo is device-wide): it is taken off
+// too, which errs on the safe side.
+bool enforce_device_budget(torch::Device device, uint64_t budget_bytes, uint64_t context_bytes) {
   if (device.type() != c10::DeviceType::CUDA || c10::cuda::device_count() == 0) return false;
   const c10::DeviceIndex index = device.has_index() ? device.index() : c10::cuda::current_device();
   const auto [free_bytes, total_bytes] = at::accelerator::getMemoryInfo(index);
   if (total_bytes == 0) return false;
-  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(index);
-  const uint64_t reserved_bytes = static_cast<uint64_t>(std::max<int64_t>(
-      stats.reserved_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].current,
-      0));
-  const uint64_t used_bytes = total_bytes > free_bytes ? total_bytes - free_bytes : 0;
-  const uint64_t context_bytes = used_bytes > reserved_bytes ? used_bytes - reserved_bytes : 0;
-  const uint64_t allocator_bytes = budget_bytes > context_bytes ? budget_bytes - context_bytes : 0;
-  const double fraction =
-      std::min(1.0, static_cast<double>(allocator_bytes) / static_cast<double>(total_bytes));
+  double fraction = 1.0;
+  if (budget_bytes > 0) {
+    const uint64_t allocator_bytes =
+        budget_bytes > context_bytes ? budget_bytes - context_bytes : 0;
+    fraction =
+        std::min(1.0, static_cast<double>(allocator_bytes) / static_cast<double>(total_bytes));
+  }
   c10::cuda::CUDACachingAllocator::setMemoryFraction(fraction, index);
   return true;
 }
+
+namespace detail {
+// Whether bf16 is the device's fast low precision: tensor cores run it from compute capability
+// 8.0 (Ampere) on; before that fp16 (with loss scaling) is the one that is fast.
+bool cuda_bf16_fast(c10::DeviceIndex index) {
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, index) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return prop.major >= 8;
+}
+}  // namespace detail
 
 }  // namespace autotune

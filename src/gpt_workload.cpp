@@ -124,6 +124,17 @@ nlohmann::json GptWorkload::config() const {
             {"val_tokens", data_->tokens(Split::val)}}}};
 }
 
+std::vector<int64_t> GptWorkload::width_options() const {
+  std::vector<int64_t> out;
+  const int64_t h = config_.n_head;
+  for (double f : {0.75, 0.5, 0.375, 0.25, 0.1875, 0.125, 0.09375, 0.0625}) {
+    const int64_t w = static_cast<int64_t>(static_cast<double>(config_.d_model) * f) / h * h;
+    if (w >= std::max<int64_t>(8, h) && w < config_.d_model && (out.empty() || w < out.back()))
+      out.push_back(w);
+  }
+  return out;
+}
+
 GptConfig GptWorkload::config_for(const Plan& plan) const {
   GptConfig c = config_;
   if (plan.seq_len) c.seq_len = plan.seq_len;

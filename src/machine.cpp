@@ -12,6 +12,7 @@ namespace {
 constexpr uint64_t kGiB = uint64_t{1} << 30;
 constexpr uint64_t kReserveBytes = 2 * kGiB;        // for the OS and the rest of the machine
 constexpr uint64_t kSmallMachineBytes = 16 * kGiB;  // seed 003: a 16 GB machine is "small"
+constexpr uint64_t kSmallDeviceBytes = 8 * kGiB;    // a GPU smaller than this is "small"
 }  // namespace
 
 MachineFacts read_machine_facts() {
@@ -74,6 +75,36 @@ ModePolicy policy_for(Mode mode, std::optional<uint64_t> budget_bytes) {
       break;
   }
   return p;
+}
+
+ModeChoice choose_device_mode(Mode requested, std::optional<uint64_t> budget_bytes,
+                              uint64_t device_total_bytes, uint64_t device_free_bytes) {
+  if (requested != Mode::auto_) return {requested, "--mode " + to_string(requested) + " given"};
+  const uint64_t budget = budget_bytes.value_or(0);
+  const std::string figures = format_bytes(device_free_bytes) + " free of " +
+                              format_bytes(device_total_bytes) + " on the device";
+  if (device_total_bytes < kSmallDeviceBytes)
+    return {Mode::ultra_low, "ultra-low-mem: a small device, " + figures + " is under 8 GiB"};
+  if (device_free_bytes < budget)
+    return {Mode::low, "low-mem: " + figures + " is less than the budget " + format_bytes(budget) +
+                           " (other processes share the device)"};
+  return {Mode::normal, "normal: " + figures};
+}
+
+ModePolicy policy_for(Mode device_mode, std::optional<uint64_t> device_budget_bytes, Mode host_mode,
+                      uint64_t host_budget_bytes) {
+  ModePolicy p = policy_for(device_mode, device_budget_bytes);
+  const ModePolicy host = policy_for(host_mode, host_budget_bytes);
+  p.pread_data = host.pread_data;
+  p.cache_bytes = host.cache_bytes;
+  p.prefetch_batches = host.prefetch_batches;
+  return p;
+}
+
+uint64_t default_host_budget(const MachineFacts& host) {
+  const uint64_t avail =
+      host.available_bytes > kReserveBytes ? host.available_bytes - kReserveBytes : 0;
+  return std::max<uint64_t>(avail, 512ull << 20);
 }
 
 }  // namespace autotune

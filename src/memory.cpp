@@ -336,18 +336,9 @@ MemoryMeter::MemoryMeter(torch::Device device) : device_(device) {
   cpu_alloc::install();
   peak_rss_resettable_ = peak_rss_resettable_here();
   accelerator_stats_ = accelerator_usable(device);
-  if (accelerator_stats_) {
-    // "cuda" means the current device: fix it now so every later reading is of the same one.
-    if (!device_.has_index())
-      device_ = torch::Device(device_.type(), at::accelerator::getDeviceIndex());
-    const auto [free_bytes, total_bytes] = memory_info_or_zero(device_.index());
-    const auto stats = at::accelerator::getDeviceStats(device_.index());
-    const uint64_t reserved = to_u64(stats.reserved_bytes[0].current);
-    const uint64_t used = total_bytes > free_bytes ? total_bytes - free_bytes : 0;
-    // On a shared device this also holds other processes' memory: the budget then counts it,
-    // which errs on the safe side.
-    context_bytes_ = used > reserved ? used - reserved : 0;
-  }
+  // "cuda" means the current device: fix it now so every later reading is of the same one.
+  if (accelerator_stats_ && !device_.has_index())
+    device_ = torch::Device(device_.type(), at::accelerator::getDeviceIndex());
   remeasure_baseline();
 }
 
@@ -355,6 +346,15 @@ void MemoryMeter::remeasure_baseline() {
   const uint64_t rss = read_process_memory().rss_bytes;
   const uint64_t reserved = to_u64(cpu_alloc::reserved_bytes());
   baseline_bytes_ = rss > reserved ? rss - reserved : 0;
+  if (accelerator_stats_) {
+    const auto [free_bytes, total_bytes] = memory_info_or_zero(device_.index());
+    const auto stats = at::accelerator::getDeviceStats(device_.index());
+    const uint64_t device_reserved = to_u64(stats.reserved_bytes[0].current);
+    const uint64_t used = total_bytes > free_bytes ? total_bytes - free_bytes : 0;
+    // On a shared device this also holds other processes' memory: the budget then counts it,
+    // which errs on the safe side.
+    context_bytes_ = used > device_reserved ? used - device_reserved : 0;
+  }
 }
 
 void MemoryMeter::reset_peaks() {
@@ -436,7 +436,7 @@ DeviceMemoryInfo device_memory_info(torch::Device device) {
 }
 
 #ifndef AUTOTUNE_WITH_CUDA
-bool enforce_device_budget(torch::Device device, uint64_t budget_bytes) {
+bool enforce_device_budget(torch::Device device, uint64_t budget_bytes, uint64_t context_bytes) {
   return false;
 }
 #endif

@@ -9,6 +9,9 @@ namespace autotune {
 
 MemoryMonitor::MemoryMonitor(MemoryMeter& meter, MemoryMonitorOptions options)
     : meter_(meter), opt_(std::move(options)) {
+  const MemorySample s = meter_.sample();
+  start_ = {static_cast<uint64_t>(cpu_alloc::num_ooms()), s.device_num_ooms,
+            s.device_num_alloc_retries};
   if (!opt_.timeline_path.empty()) {
     timeline_.open(opt_.timeline_path, std::ios::app);
     if (!timeline_)
@@ -76,6 +79,23 @@ void MemoryMonitor::check_thresholds(const MemorySample& s, uint64_t budget_figu
   }
 }
 
+void MemoryMonitor::on_recovery(const Recovery& r) {
+  if (timeline_.is_open())
+    timeline_ << nlohmann::json{{"event", "oom_recovery"},     {"step", r.step + 1},
+                                {"phase", to_string(r.phase)}, {"before", r.before.describe()},
+                                {"after", r.after.describe()}, {"eval_only", r.eval_only}}
+                     .dump()
+              << '\n';
+}
+
+MemoryMonitor::AllocatorEvents MemoryMonitor::allocator_events() const {
+  const MemorySample s = meter_.sample();
+  return {static_cast<uint64_t>(cpu_alloc::num_ooms()) - start_.host_ooms,
+          s.device_num_ooms - std::min(s.device_num_ooms, start_.device_ooms),
+          s.device_num_alloc_retries -
+              std::min(s.device_num_alloc_retries, start_.device_alloc_retries)};
+}
+
 void MemoryMonitor::on_step(const StepStats& st) {
   if (opt_.every_steps <= 0 || (st.step % opt_.every_steps != 0 && st.step != 1)) return;
   const MemorySample s = meter_.sample();
@@ -102,16 +122,21 @@ void MemoryMonitor::on_step(const StepStats& st) {
 
 void MemoryMonitor::on_end(const RunSummary&) {
   if (peak_.budget_bytes == 0 || !opt_.log_summary) return;
-  spdlog::info("memory peak {} at step {} ({}){}", format_bytes(peak_.budget_bytes), peak_.step + 1,
-               to_string(peak_.phase),
-               opt_.budget_bytes ? fmt::format(", {:.1f}% of the budget {}",
-                                               100.0 * static_cast<double>(peak_.budget_bytes) /
-                                                   static_cast<double>(*opt_.budget_bytes),
-                                               format_bytes(*opt_.budget_bytes))
-                                 : "");
+  const AllocatorEvents ev = allocator_events();
+  spdlog::info(
+      "memory peak {} at step {} ({}){}; allocations refused: host {}, device {}; "
+      "device allocator retries {}",
+      format_bytes(peak_.budget_bytes), peak_.step + 1, to_string(peak_.phase),
+      opt_.budget_bytes ? fmt::format(", {:.1f}% of the budget {}",
+                                      100.0 * static_cast<double>(peak_.budget_bytes) /
+                                          static_cast<double>(*opt_.budget_bytes),
+                                      format_bytes(*opt_.budget_bytes))
+                        : "",
+      ev.host_ooms, ev.device_ooms, ev.device_alloc_retries);
 }
 
 nlohmann::json MemoryMonitor::to_json() const {
+  const AllocatorEvents events = allocator_events();
   nlohmann::json phases = nlohmann::json::object();
   for (const auto& [phase, p] : by_phase_)
     phases[to_string(phase)] = {{"budget_bytes", p.budget_bytes},
@@ -134,6 +159,10 @@ nlohmann::json MemoryMonitor::to_json() const {
         {"peak_rss_bytes", rss},
         {"baseline_bytes", meter_.baseline_bytes()}}},
       {"device", {{"peak_allocated_bytes", device}}},
+      {"allocator",
+       {{"host_num_ooms", events.host_ooms},
+        {"device_num_ooms", events.device_ooms},
+        {"device_num_alloc_retries", events.device_alloc_retries}}},
       {"budget_bytes", opt_.budget_bytes ? nlohmann::json(*opt_.budget_bytes) : nlohmann::json()}};
 }
 

@@ -2,7 +2,26 @@
 
 #include <ATen/autocast_mode.h>
 
+#include <cstdlib>
+
 namespace autotune {
+
+#ifdef AUTOTUNE_WITH_CUDA
+namespace detail {
+bool cuda_bf16_fast(c10::DeviceIndex index);  // src/cuda_memory.cpp
+}
+#endif
+
+Precision low_precision_for(torch::Device device) {
+  if (const char* fake = std::getenv("AUTOTUNE_FAKE_LOW_PRECISION"); fake && *fake)
+    return parse_precision(fake);
+#ifdef AUTOTUNE_WITH_CUDA
+  if (device.is_cuda() && torch::cuda::is_available())
+    return detail::cuda_bf16_fast(device.has_index() ? device.index() : 0) ? Precision::bf16
+                                                                           : Precision::fp16;
+#endif
+  return Precision::bf16;
+}
 
 namespace {
 c10::ScalarType dtype_of(Precision p) {

@@ -76,6 +76,7 @@ nlohmann::json Profile::to_json() const {
           {"fingerprint_hash", fingerprint.hash()},
           {"plan", plan},
           {"trials", trials},
+          {"search_lines", search_lines},
           {"probe_seconds", probe_seconds},
           {"task_changed", task_changed},
           {"task_change_note", task_change_note},
@@ -84,6 +85,7 @@ nlohmann::json Profile::to_json() const {
           {"full_run_at", full_run_at},
           {"oom_recoveries", oom_recoveries},
           {"recoveries", recoveries},
+          {"full_run_allocator", full_run_allocator},
           {"created_at", created_at},
           {"tool_version", tool_version}};
 }
@@ -106,6 +108,9 @@ Profile Profile::from_json(const nlohmann::json& j) {
     p.plan = j.at("plan").get<Plan>();
     field = "trials";
     p.trials = j.at("trials").get<std::vector<Trial>>();
+    field = "search_lines";
+    if (j.contains("search_lines"))
+      p.search_lines = j.at("search_lines").get<std::vector<SearchLine>>();
     field = "probe_seconds";
     p.probe_seconds = j.value("probe_seconds", 0.0);
     field = "task_changed";
@@ -118,6 +123,8 @@ Profile Profile::from_json(const nlohmann::json& j) {
     field = "oom_recoveries";
     p.oom_recoveries = j.value("oom_recoveries", int64_t{0});
     p.recoveries = j.value("recoveries", nlohmann::json::array());
+    field = "full_run_allocator";
+    p.full_run_allocator = j.value("full_run_allocator", nlohmann::json::object());
     field = "created_at";
     p.created_at = j.value("created_at", std::string());
     p.tool_version = j.value("tool_version", std::string());

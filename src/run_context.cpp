@@ -12,10 +12,12 @@
 #include "autotune/commands.h"
 #include "autotune/errors.h"
 #include "autotune/fault_injection.h"
+#include "autotune/precision.h"
 #include "autotune/preset.h"
 #include "autotune/reporter.h"
 #include "autotune/size.h"
 #include "autotune/step_log.h"
+#include "autotune/tuner.h"
 
 namespace autotune {
 
@@ -76,16 +78,46 @@ RunContext::RunContext(const RunSpec& spec) : spec_(spec), device_(resolve_devic
         throw UsageError("--margin " + m + " is not below the budget " + spec_.budget_text);
     }
   }
-  // The mode: forced by --mode, else chosen from the machine and the budget.
-  mode_ = choose_mode(spec_.mode, budget_bytes_, read_machine_facts());
-  policy_ = policy_for(mode_.mode, budget_bytes_);
+  // The mode: forced by --mode, else chosen from the memory the budget is about (the device's
+  // on an accelerator) and the budget; host-side settings follow host RAM and the host budget.
+  const MachineFacts host = read_machine_facts();
+  if (device_.is_cpu()) {
+    if (!spec_.host_budget_text.empty())
+      throw UsageError(
+          "--host-budget is for accelerator runs; on the CPU --budget is the host "
+          "budget");
+    mode_ = choose_mode(spec_.mode, budget_bytes_, host);
+    policy_ = policy_for(mode_.mode, budget_bytes_);
+  } else {
+    host_budget_bytes_ = spec_.host_budget_text.empty()
+                             ? default_host_budget(host)
+                             : parse_size(spec_.host_budget_text, host.total_bytes);
+    const DeviceMemoryInfo d = device_memory_info(device_);
+    mode_ = choose_device_mode(spec_.mode, budget_bytes_, d.total_bytes, d.free_bytes);
+    host_mode_ = choose_mode(spec_.mode, host_budget_bytes_, host);
+    policy_ = policy_for(mode_.mode, budget_bytes_, host_mode_.mode, *host_budget_bytes_);
+  }
+  low_precision_ = low_precision_for(device_);
   if (spec_.preset_start_small) policy_.start_small = true;
   if (spec_.log_every_memory > 0) policy_.monitor_every_steps = spec_.log_every_memory;
   policy_.pin_memory = !device_.is_cpu();
+  if (spec_.verbose) policy_.monitor_every_steps = std::max<int64_t>(1, spec_.log_every);
+  if (spec_.quiet) policy_.monitor_every_steps = 0;
   workload_ = make_workload(spec_, policy_);
-  if (spec_.resume && list_checkpoints(spec_.run_dir).empty())
-    throw UsageError("--resume: no complete checkpoint in " + checkpoint_dir(spec_.run_dir) +
-                     "; start without --resume");
+  if (spec_.resume) {
+    bool complete = false;
+    for (const auto& file : list_checkpoints(spec_.run_dir))
+      complete = complete || read_checkpoint_meta(file).has_value();
+    if (!complete && spec_.resume_auto) {
+      // A scheduler relaunching the same command after a preemption: the first launch starts.
+      spdlog::info("--resume auto: no complete checkpoint in {} yet; starting fresh",
+                   checkpoint_dir(spec_.run_dir));
+      spec_.resume = false;
+    } else if (!complete) {
+      throw UsageError("--resume: no complete checkpoint in " + checkpoint_dir(spec_.run_dir) +
+                       "; start without --resume (or give --resume auto)");
+    }
+  }
   if (!spec_.run_dir.empty()) {
     std::error_code ec;
     std::filesystem::create_directories(spec_.run_dir, ec);
@@ -97,10 +129,22 @@ RunContext::RunContext(const RunSpec& spec) : spec_(spec), device_(resolve_devic
 }
 
 RunContext::~RunContext() {
-  if (device_.is_cpu()) {
-    cpu_alloc::set_cap(std::nullopt);
-    cpu_alloc::set_rss_limit(std::nullopt);
-  }
+  cpu_alloc::set_cap(std::nullopt);
+  cpu_alloc::set_rss_limit(std::nullopt);
+  if (!device_.is_cpu() && budget_bytes_) enforce_device_budget(device_, 0, 0);
+}
+
+void RunContext::warm_up() {
+  Plan smallest;
+  smallest.micro_batch = 1;
+  ProbeOptions warm;
+  warm.usable_bytes = UINT64_MAX;
+  warm.measured_steps = 0;
+  warm.device = device_;
+  warm.seed = spec_.seed;
+  run_trial(*workload_, smallest, warm, *meter_);
+  meter_->release_cache();
+  meter_->remeasure_baseline();
 }
 
 std::optional<uint64_t> RunContext::usable_bytes() const {
@@ -109,20 +153,31 @@ std::optional<uint64_t> RunContext::usable_bytes() const {
 }
 
 void RunContext::enforce_budget() {
-  if (!budget_bytes_) return;
-  if (device_.is_cpu()) {
-    const uint64_t usable = *usable_bytes(), base = meter_->baseline_bytes();
+  // The host: the CPU allocator's reserved bytes within usable - baseline, and the figure the
+  // budget names (RSS) checked whenever it maps more, so what the cap cannot see (heap slack,
+  // thread arenas) never carries the process past the budget.
+  auto cap_host = [&](uint64_t budget, uint64_t margin, const char* flag) {
+    const uint64_t usable = budget - margin, base = meter_->baseline_bytes();
     if (usable <= base)
-      throw RuntimeError("budget " + format_bytes(*budget_bytes_) + " (minus margin " +
-                         format_bytes(margin_bytes_) + ") is below this process's baseline of " +
-                         format_bytes(base) + " before any tensor; give a larger --budget");
-    // The allocator's reserved bytes within usable - baseline, and the budget figure itself
-    // (RSS) checked whenever it maps more: what the cap cannot see (heap slack, thread arenas)
-    // can then never carry the process past the budget.
+      throw RuntimeError(std::string(flag) + " " + format_bytes(budget) + " (minus margin " +
+                         format_bytes(margin) + ") is below this process's baseline of " +
+                         format_bytes(base) + " before any tensor; give a larger " + flag);
     cpu_alloc::set_cap(static_cast<int64_t>(usable - base));
-    cpu_alloc::set_rss_limit(static_cast<int64_t>(*budget_bytes_));
-  } else {
-    enforce_device_budget(device_, *budget_bytes_);
+    cpu_alloc::set_rss_limit(static_cast<int64_t>(budget));
+  };
+  if (device_.is_cpu()) {
+    if (budget_bytes_) cap_host(*budget_bytes_, margin_bytes_, "--budget");
+    return;
+  }
+  if (budget_bytes_) enforce_device_budget(device_, *budget_bytes_, meter_->context_bytes());
+  if (host_budget_bytes_) {
+    // The device budget's margin, as a share, on the host budget too.
+    const double share =
+        budget_bytes_ ? static_cast<double>(margin_bytes_) / static_cast<double>(*budget_bytes_)
+                      : 0.05;
+    cap_host(*host_budget_bytes_,
+             static_cast<uint64_t>(share * static_cast<double>(*host_budget_bytes_)),
+             "--host-budget");
   }
 }
 
@@ -139,6 +194,7 @@ TrainOptions RunContext::train_options() const {
   o.checkpoint_every = spec_.checkpoint_every;
   o.resume = spec_.resume;
   o.allow_precision_change = !spec_.precision.has_value();
+  o.low_precision = low_precision_;
   o.stop_signal = &g_stop_signal;
   o.release_between_phases = policy_.release_between_phases;
   return o;
@@ -165,7 +221,17 @@ void RunContext::print_settings(const Plan& plan, const std::string& plan_source
                 ? " = " + std::to_string(plan.global_batch() * w.tokens_per_sequence(plan)) + " " +
                       w.throughput_unit()
                 : "")},
-      {"seq_len", std::to_string(T)},
+      {"seq_len", T ? std::to_string(T) +
+                          (plan.seq_len && plan.seq_len != w.default_seq_len()
+                               ? " (the model's is " + std::to_string(w.default_seq_len()) + ")"
+                               : "")
+                    : "-"},
+      {"d_model", w.default_width()
+                      ? std::to_string(plan.d_model ? plan.d_model : w.default_width()) +
+                            (plan.d_model && plan.d_model != w.default_width()
+                                 ? " (the model's is " + std::to_string(w.default_width()) + ")"
+                                 : "")
+                      : "-"},
       {"precision", to_string(plan.precision)},
       {"checkpointing", plan.checkpointing ? "on" : "off"},
       {"steps", std::to_string(spec_.steps)},
@@ -175,6 +241,9 @@ void RunContext::print_settings(const Plan& plan, const std::string& plan_source
       {"budget", budget_bytes_ ? format_bytes(*budget_bytes_) + " (margin " +
                                      format_bytes(margin_bytes_) + ")"
                                : "none"},
+      {"host budget", host_budget_bytes_
+                          ? format_bytes(*host_budget_bytes_) + " (" + host_mode_.reason + ")"
+                          : "the budget (CPU)"},
       {"process baseline", format_bytes(meter_->baseline_bytes())},
   };
   if (!spec_.run_dir.empty()) rows.push_back({"run dir", spec_.run_dir});
@@ -190,7 +259,14 @@ RunSummary RunContext::train(const Plan& plan) {
   auto data_report = [this] { return workload_->data_report(); };
   mo.data_report = data_report;
   monitor_ = std::make_unique<MemoryMonitor>(*meter_, mo);
-  ConsoleReporter console(spec_.log_every, data_report);
+  ConsoleOptions co;
+  co.log_every = spec_.log_every;
+  co.quiet = spec_.quiet;
+  co.unit = workload_->throughput_unit();
+  co.budget_bytes = budget_bytes_;
+  co.memory_now = [this] { return meter_->budget_figure_now(meter_->sample()); };
+  co.data_report = data_report;
+  ConsoleReporter console(co);
   std::vector<TrainObserver*> observers = {monitor_.get(), &console};
   std::unique_ptr<StepLog> step_log;
   if (!spec_.run_dir.empty()) {
@@ -224,6 +300,8 @@ nlohmann::json RunContext::summary_json(const RunSummary& s) const {
   return {
       {"plan", plan},
       {"budget_bytes", budget_bytes_ ? nlohmann::json(*budget_bytes_) : nlohmann::json()},
+      {"host_budget_bytes",
+       host_budget_bytes_ ? nlohmann::json(*host_budget_bytes_) : nlohmann::json()},
       {"memory", monitor_ ? monitor_->to_json() : nlohmann::json::object()},
       {"data", workload_->data_report()},
       {"tokens_per_s", s.tokens_per_s},

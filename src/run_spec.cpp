@@ -103,6 +103,7 @@ Plan plan_from_pins(const RunSpec& spec, int64_t seq_len, int64_t default_micro_
   if (spec.precision) p.precision = *spec.precision;
   if (spec.checkpointing) p.checkpointing = *spec.checkpointing;
   if (spec.seq_len) p.seq_len = *spec.seq_len;
+  if (spec.d_model) p.d_model = *spec.d_model;
   if (spec.eval_batch) p.eval_batch = *spec.eval_batch;
   return p;
 }

@@ -40,7 +40,7 @@ double learning_rate(const TrainOptions& opt, int64_t step) {
 }
 
 bool next_plan_after_oom(const Plan& plan, bool can_checkpoint, bool allow_precision_change,
-                         Plan* next) {
+                         Plan* next, Precision low_precision) {
   *next = plan;
   // Halving keeps micro_batch * grad_accum exact only when micro_batch is even.
   if (plan.micro_batch > 1 && plan.micro_batch % 2 == 0) {
@@ -53,7 +53,7 @@ bool next_plan_after_oom(const Plan& plan, bool can_checkpoint, bool allow_preci
     return true;
   }
   if (allow_precision_change && plan.precision == Precision::fp32) {
-    next->precision = Precision::bf16;
+    next->precision = low_precision;
     return true;
   }
   return false;
@@ -129,7 +129,7 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
   int64_t step = 0;
   if (!resume_from.empty()) {
     torch::Tensor scaler_state;
-    step = load_checkpoint(resume_from, *model, optimizer, &scaler_state).step;
+    step = load_checkpoint(resume_from, *model, optimizer, &scaler_state, opt.device).step;
     if (scaler.enabled() && scaler_state.numel() == 2) scaler.load_state(scaler_state);
   } else {
     torch::manual_seed(opt.seed);  // dropout masks are reproducible from the seed
@@ -139,7 +139,7 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
 
   auto checkpoint = [&]() {
     if (opt.run_dir.empty()) return;
-    CheckpointMeta meta{step, plan, opt.seed, workload.config()};
+    CheckpointMeta meta{step, plan, opt.seed, workload.config(), opt.device};
     summary.last_checkpoint =
         save_checkpoint(opt.run_dir, meta, *model, optimizer, scaler.state(), opt.keep_checkpoints);
     model->export_to(opt.run_dir);
@@ -270,7 +270,8 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
       release_cached_memory(opt.device);
       if (!opt.recover_oom) throw;  // probe trials: the caller records the OOM by its type
       Plan next;
-      if (!next_plan_after_oom(plan, can_checkpoint, opt.allow_precision_change, &next))
+      if (!next_plan_after_oom(plan, can_checkpoint, opt.allow_precision_change, &next,
+                               opt.low_precision))
         throw RuntimeError("out of memory at step " + std::to_string(step + 1) + " (" +
                            to_string(phase) + ") with plan " + plan.describe() +
                            " and nothing left to step down to; give a larger budget or a "
@@ -278,6 +279,8 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
       Recovery r{step, phase, plan, next, false, e.what_without_backtrace()};
       plan = next;
       model->set_checkpointing(plan.checkpointing);
+      if (plan.precision == Precision::fp16 && !scaler.enabled())
+        scaler = LossScaler(opt.device, true);  // fp16 needs its loss scaling from here on
       summary.recoveries.push_back(r);
       notify([&](TrainObserver& o) { o.on_recovery(r); });
       continue;

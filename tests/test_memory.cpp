@@ -631,8 +631,8 @@ TEST(MemoryMeterAccelerator, NeverThrowsWithoutTheDevice) {
   const DeviceMemoryInfo info = device_memory_info(cuda);
   EXPECT_EQ(info.total_bytes, 0u);
   EXPECT_NE(info.name.find("cuda"), std::string::npos);
-  EXPECT_FALSE(enforce_device_budget(cuda, 1ull << 30));
-  EXPECT_FALSE(enforce_device_budget(torch::kCPU, 1ull << 30));
+  EXPECT_FALSE(enforce_device_budget(cuda, 1ull << 30, 0));
+  EXPECT_FALSE(enforce_device_budget(torch::kCPU, 1ull << 30, 0));
 }
 
 }  // namespace

@@ -96,12 +96,50 @@ TEST(Profile, CorruptProfilesAreReportedAndReprobed) {
     // A valid new profile replaced it.
     EXPECT_NO_THROW(ProfileStore(store).load(path)) << name;
   }
-  // A stored plan that no longer fits (a smaller budget than it was made for).
-  tu::write_file(path, no_fit.dump());
-  auto small = run_args(store, "1G");
+  // A stored plan that no longer fits: a gpt-mini profile made at 1G, given with --profile at a
+  // budget between micro-batch 1's measured peak and micro-batch 32's. Its two verification
+  // steps fail, and the new probe picks a smaller micro-batch.
+  auto mini = [&](const std::string& dir, const std::string& budget) {
+    return std::vector<std::string>{"probe",
+                                    "--model",
+                                    "gpt-mini",
+                                    "--data",
+                                    tu::corpus_path(),
+                                    "--budget",
+                                    budget,
+                                    "--global-batch",
+                                    "32",
+                                    "--precision",
+                                    "fp32",
+                                    "--profile-dir",
+                                    dir,
+                                    "--json"};
+  };
+  auto peak_of = [&](const std::string& mb) {
+    auto args = mini(tu::temp_dir("store-peak-" + mb), "1G");
+    args.insert(args.end(), {"--micro-batch", mb});
+    return probe(args).at("trials").at(0).at("peak_bytes").get<uint64_t>();
+  };
+  const uint64_t peak1 = peak_of("1"), peak32 = peak_of("32");
+  ASSERT_LT(peak1 + (32u << 20), peak32) << "micro-batch 32 must need clearly more than 1";
+  const std::string mini_store = tu::temp_dir("store-mini");
+  ASSERT_FALSE(probe(mini(mini_store, "1G")).is_null());
+  const std::string mini_path = only_profile(mini_store);
+  auto stored = nlohmann::json::parse(tu::read_file(mini_path));
+  stored["plan"]["micro_batch"] = 32;
+  stored["plan"]["grad_accum"] = 1;
+  tu::write_file(mini_path, stored.dump());
+  // usable = 95% of the budget lies midway between the two peaks
+  const uint64_t budget = (peak1 + peak32) / 2 * 100 / 95;
+  auto args = mini(mini_store, std::to_string(budget));
+  args.insert(args.end(), {"--profile", mini_path});
   std::string err;
-  auto out = probe(small, 0, &err);
-  EXPECT_FALSE(out.is_null());
+  auto out = probe(args, 0, &err);
+  ASSERT_FALSE(out.is_null()) << err;
+  EXPECT_NE(err.find("no longer fits"), std::string::npos) << err;
+  EXPECT_FALSE(out.at("reused_profile").get<bool>());
+  EXPECT_GE(out.at("trials").size(), 1u);
+  EXPECT_LT(out.at("plan").at("micro_batch").get<int64_t>(), 32);
 }
 
 TEST(Profile, ConcurrentWritersNeverTearTheFile) {
@@ -145,9 +183,8 @@ TEST(Profile, ConcurrentWritersNeverTearTheFile) {
 }
 
 TEST(Profile, ReadOnlyStoreWarnsOrFails) {
-  if (::geteuid() == 0) {
-    // root ignores directory permissions; a path under a regular file is unwritable for all.
-  }
+  // Not a read-only directory (root ignores permission bits): a path under a regular file is
+  // unwritable for everyone.
   const std::string base = tu::temp_dir("store-ro");
   tu::write_file(base + "/file", "x");
   const std::string store = base + "/file/profiles";  // cannot be created: parent is a file

@@ -85,13 +85,22 @@ ProcessResult run(const std::string& program, const std::vector<std::string>& ar
 }
 }  // namespace
 
+std::vector<std::string> on_cpu(const std::vector<std::string>& args) {
+  const bool named = std::find(args.begin(), args.end(), "--device") != args.end();
+  const bool training = args.empty() || args[0].rfind("--", 0) == 0 || args[0] == "run" ||
+                        args[0] == "probe" || args[0] == "train" || args[0] == "estimate";
+  std::vector<std::string> out = args;
+  if (training && !named) out.insert(out.end(), {"--device", "cpu"});
+  return out;
+}
+
 pid_t start_autotune(const std::vector<std::string>& args) {
-  return spawn(AUTOTUNE_BIN, args, {}, "/dev/null", "/dev/null");
+  return spawn(AUTOTUNE_BIN, on_cpu(args), {}, "/dev/null", "/dev/null");
 }
 
 ProcessResult run_autotune(const std::vector<std::string>& args,
                            const std::vector<std::string>& env) {
-  return run(AUTOTUNE_BIN, args, env);
+  return run(AUTOTUNE_BIN, on_cpu(args), env);
 }
 
 ProcessResult run_python(const std::vector<std::string>& args) {

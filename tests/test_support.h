@@ -27,13 +27,18 @@ struct ProcessResult {
   std::string out;     // stdout
   std::string err;     // stderr
 };
-// Runs the real autotune executable with `args` (no shell), capturing stdout and stderr.
+// Runs the real autotune executable with `args` (no shell), capturing stdout and stderr. The
+// tests' budgets are calibrated for the CPU: a training command (run, probe, train, estimate)
+// without --device gets --device cpu, so the suite tests the same thing on a GPU host.
 ProcessResult run_autotune(const std::vector<std::string>& args,
                            const std::vector<std::string>& env = {});
 
 // Starts the real executable with `args` (output discarded) and returns its pid without waiting:
-// for tests that signal or kill it.
+// for tests that signal or kill it. Pinned to the CPU as run_autotune.
 pid_t start_autotune(const std::vector<std::string>& args);
+
+// `args` with --device cpu added to a training command that names no device.
+std::vector<std::string> on_cpu(const std::vector<std::string>& args);
 
 // The default corpus token file prepared by scripts/setup (data/corpus.tok in the source tree);
 // prepared on demand from the fortunes texts if missing.

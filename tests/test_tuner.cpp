@@ -88,10 +88,8 @@ TEST(Tuner, SmallerBudgetUsesLessMemoryLargerIsNotSlower) {
   print("160 MiB above baseline", large);
   expect_invariants(large, large_req);
   ASSERT_TRUE(large.plan);
-  if (!small.plan) {
-    EXPECT_NE(small.infeasible_message.find("no plan fits"), std::string::npos);
-    return;
-  }
+  ASSERT_TRUE(small.plan) << "40 MiB above the baseline holds gpt-mini at a small micro-batch: "
+                          << small.infeasible_message;
   auto chosen = [](const TunerResult& r) {
     for (const auto& t : r.trials)
       if (t.plan == *r.plan) return t;
@@ -155,20 +153,116 @@ TEST(Tuner, InfeasibleBudgetSaysWhatWouldFit) {
   EXPECT_NE(r0.infeasible_message.find("no plan fits"), std::string::npos);
 }
 
+// gpt-mini with a 512-token context: at micro-batch 1 its activations (16 MiB at 512 tokens)
+// outweigh its parameters and AdamW states, so a shorter sequence or a narrower model is what
+// makes a budget fit.
+GptWorkload long_context_gpt() {
+  GptConfig c = load_gpt_config("gpt-mini");
+  c.seq_len = 512;
+  return GptWorkload(c, TokenFile::open(tu::corpus_path()), 1);
+}
+
+uint64_t peak_of(Workload& w, MemoryMeter& meter, int64_t seq_len, int64_t d_model) {
+  Plan p;
+  p.micro_batch = 1;
+  p.grad_accum = 32;
+  p.seq_len = seq_len;
+  p.d_model = d_model;
+  ProbeOptions free;
+  free.usable_bytes = UINT64_MAX;
+  return run_trial(w, p, free, meter).peak_bytes;
+}
+
 TEST(Tuner, ShrinkSeqOnlyWithConsentAndSaysSo) {
   Fixture f;
-  auto req = f.request(6 * kMiB);
-  req.allow_shrink_seq = true;
+  GptWorkload gpt = long_context_gpt();
+  // A budget between micro-batch 1's measured peak at a quarter of the sequence and at the full
+  // sequence: nothing fits the task as asked, a shorter sequence does.
+  auto peak_at = [&](int64_t seq_len) { return peak_of(gpt, f.meter, seq_len, 0); };
+  peak_at(512);  // this workload's first step: one-time growth out of the figures below
+  const uint64_t full = peak_at(512), quarter = peak_at(128);
+  ASSERT_GT(full, quarter + (4u << 20));
+  f.meter.remeasure_baseline();
+  const uint64_t between = (full + quarter) / 2;
+  auto req = f.request(between - std::min(between, f.meter.baseline_bytes()));
   req.precision = Precision::fp32;
-  TunerResult r = tune(f.gpt, req, f.meter);
-  print("6 MiB, --allow-shrink seq", r);
-  if (r.plan) {
+  req.checkpointing = false;
+  TunerResult without = tune(gpt, req, f.meter);
+  print("between, no consent", without);
+  EXPECT_FALSE(without.plan) << "the full sequence does not fit: no plan without consent";
+  req.allow_shrink_seq = true;
+  TunerResult r = tune(gpt, req, f.meter);
+  print("between, --allow-shrink seq", r);
+  ASSERT_TRUE(r.plan) << r.infeasible_message;
+  EXPECT_TRUE(r.shrunk_task);
+  EXPECT_LT(r.plan->seq_len, 512);
+  EXPECT_GE(r.plan->seq_len, 128);
+  EXPECT_NE(r.shrink_note.find("task changed"), std::string::npos);
+}
+
+// Width alone, and seq and width together: the narrower model really is built (a multiple of
+// n_head), and with both allowed the least change wins: width 3/4 (0.56x the parameters, cost
+// 0.83) before half the sequence (cost 1), where the search used to halve the sequence first.
+TEST(Tuner, ShrinkWidthAndBothTakeTheLeastChange) {
+  Fixture f;
+  GptWorkload gpt = long_context_gpt();
+  auto peak_at = [&](int64_t d_model) { return peak_of(gpt, f.meter, 0, d_model); };
+  peak_at(128);  // this workload's first step: one-time growth out of the figures below
+  const std::vector<int64_t> widths = gpt.width_options();
+  ASSERT_GE(widths.size(), 2u);
+  EXPECT_EQ(widths[0], 96);  // 3/4 of gpt-mini's 128, a multiple of its 4 heads
+  for (int64_t w : widths) EXPECT_EQ(w % 4, 0) << w;
+  const uint64_t full = peak_at(128), three_quarters = peak_at(96);
+  ASSERT_GT(full, three_quarters + (2u << 20));
+  f.meter.remeasure_baseline();
+  const uint64_t between = (full + three_quarters) / 2;
+  for (bool with_seq : {false, true}) {
+    auto req = f.request(between - std::min(between, f.meter.baseline_bytes()));
+    req.precision = Precision::fp32;
+    req.checkpointing = false;
+    req.allow_shrink_width = true;
+    req.allow_shrink_seq = with_seq;
+    TunerResult r = tune(gpt, req, f.meter);
+    print(with_seq ? "--allow-shrink seq,width" : "--allow-shrink width", r);
+    ASSERT_TRUE(r.plan) << r.infeasible_message;
+    EXPECT_EQ(r.plan->d_model, 96) << "the least change that fits";
+    EXPECT_EQ(r.plan->seq_len, 0) << "the sequence is kept: width 3/4 costs less than seq/2";
     EXPECT_TRUE(r.shrunk_task);
-    EXPECT_LT(r.plan->seq_len, f.gpt.default_seq_len());
-    EXPECT_NE(r.shrink_note.find("task changed"), std::string::npos);
-  } else {
-    EXPECT_NE(r.infeasible_message.find("no plan fits"), std::string::npos);
+    EXPECT_NE(r.shrink_note.find("model width shrunk from 128 to 96"), std::string::npos)
+        << r.shrink_note;
+    // The model that plan builds really is narrower.
+    auto model = gpt.build(*r.plan, torch::kCPU, 1);
+    int64_t params = 0;
+    for (const auto& p : model->parameters()) params += p.numel();
+    EXPECT_EQ(params, gpt.config_for(*r.plan).n_params());
+    EXPECT_EQ(gpt.config_for(*r.plan).d_model, 96);
   }
+}
+
+// The binary says a changed task in the profile and the summary, and `train` reproduces the plan.
+TEST(Tuner, AShrunkPlanIsSaidAndTrainReproducesIt) {
+  const std::string dir = tu::temp_dir("shrunk");
+  auto probe = tu::run_autotune({"probe", "--model", "gpt-mini", "--data", tu::corpus_path(),
+                                 "--budget", "8G", "--global-batch", "8", "--d-model", "64",
+                                 "--seq-len", "64", "--profile-dir", dir, "--json"});
+  ASSERT_EQ(probe.exit_code, 0) << probe.err;
+  const auto plan = nlohmann::json::parse(probe.out).at("plan");
+  EXPECT_EQ(plan.at("d_model").get<int64_t>(), 64) << "a pinned width is kept";
+  EXPECT_EQ(plan.at("seq_len").get<int64_t>(), 64);
+  auto train = tu::run_autotune(
+      {"train", "--model", "gpt-mini", "--data", tu::corpus_path(), "--global-batch", "8",
+       "--micro-batch", std::to_string(plan.at("micro_batch").get<int64_t>()), "--d-model", "64",
+       "--seq-len", "64", "--steps", "2", "--eval-sequences", "2", "--json"});
+  ASSERT_EQ(train.exit_code, 0) << train.err;
+  const auto t = nlohmann::json::parse(train.out).at("plan");
+  EXPECT_EQ(t.at("d_model").get<int64_t>(), 64);
+  EXPECT_EQ(t.at("seq_len").get<int64_t>(), 64);
+  const auto row = train.err.find("| d_model ");
+  ASSERT_NE(row, std::string::npos) << train.err;
+  EXPECT_NE(
+      train.err.substr(row, train.err.find('\n', row) - row).find("| 64 (the model's is 128)"),
+      std::string::npos)
+      << "the settings table says the width: " << train.err;
 }
 
 TEST(Tuner, OomInATrialIsSurvivedAndRecorded) {

@@ -1,14 +1,9 @@
 #include "autotune/estimator.h"
 
-#include <iostream>
-
 #include <spdlog/spdlog.h>
 
-#include "autotune/commands.h"
-#include "autotune/errors.h"
 #include "autotune/memory.h"
 #include "autotune/reporter.h"
-#include "autotune/run_spec.h"
 #include "autotune/size.h"
 
 namespace autotune {
@@ -97,23 +92,6 @@ void print_estimate(const Estimate& e) {
                                                 "AdamW states above are exact)"});
   }
   print_table("estimate", rows);
-}
-
-int estimate_command(const RunSpec& spec) {
-  torch::Device device = resolve_device(spec.device);
-  auto workload = make_workload(spec);
-  Plan plan = plan_from_pins(spec, workload->default_seq_len(), 8);
-  workload->validate(plan);
-  MemoryMeter meter(device);
-  Estimate e = estimate_memory(*workload, plan, meter.baseline_bytes());
-  print_estimate(e);
-  if (spec.json) {
-    nlohmann::json plan_json = plan;
-    plan_json["seq_len"] = plan.seq_len ? plan.seq_len : workload->default_seq_len();
-    plan_json["d_model"] = plan.d_model ? plan.d_model : workload->default_width();
-    std::cout << nlohmann::json{{"plan", plan_json}, {"memory", e.to_json()}}.dump(2) << std::endl;
-  }
-  return kExitOk;
 }
 
 }  // namespace autotune

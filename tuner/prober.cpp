@@ -44,6 +44,26 @@ void from_json(const nlohmann::json& j, Trial& t) {
   t.reason = j.value("reason", std::string());
 }
 
+void to_json(nlohmann::json& j, const SearchLine& l) {
+  j = {{"precision", to_string(l.precision)},
+       {"checkpointing", l.checkpointing},
+       {"seq_len", l.seq_len},
+       {"d_model", l.d_model},
+       {"a_bytes", l.a_bytes},
+       {"b_bytes", l.b_bytes},
+       {"measured", l.measured}};
+}
+
+void from_json(const nlohmann::json& j, SearchLine& l) {
+  l.precision = parse_precision(j.at("precision").get<std::string>());
+  l.checkpointing = j.at("checkpointing").get<bool>();
+  l.seq_len = j.value("seq_len", int64_t{0});
+  l.d_model = j.value("d_model", int64_t{0});
+  l.a_bytes = j.at("a_bytes").get<double>();
+  l.b_bytes = j.at("b_bytes").get<double>();
+  l.measured = j.value("measured", false);
+}
+
 namespace {
 // Thrown from an observer to stop a trial that cannot reach the required throughput.
 struct TrialTooSlow {};

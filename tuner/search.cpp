@@ -43,8 +43,9 @@ struct Pair {
 // Runs trials, keeps them, and remembers each measured micro-batch per pair.
 class Session {
  public:
-  Session(Workload& w, const TunerRequest& r, MemoryMeter& m, const TrialCallback& cb)
-      : w_(w), r_(r), m_(m), cb_(cb) {}
+  Session(Workload& w, const TunerRequest& r, MemoryMeter& m, const TrialProgress& progress,
+          int at_most)
+      : w_(w), r_(r), m_(m), progress_(progress), at_most_(at_most) {}
 
   const Trial& run(const Plan& plan) {
     for (const auto& t : trials_)
@@ -55,8 +56,10 @@ class Session {
       if (t.fits)
         probe.stop_below_tokens_per_s =
             std::max(probe.stop_below_tokens_per_s, 0.5 * t.tokens_per_s);
+    const int index = static_cast<int>(trials_.size()) + 1;
+    if (progress_.started) progress_.started(plan, index, at_most_);
     trials_.push_back(run_trial(w_, plan, probe, m_));
-    if (cb_) cb_(trials_.back());
+    if (progress_.finished) progress_.finished(trials_.back(), index, at_most_);
     return trials_.back();
   }
   const Trial* find(const Plan& plan) const {
@@ -70,7 +73,8 @@ class Session {
   Workload& w_;
   const TunerRequest& r_;
   MemoryMeter& m_;
-  const TrialCallback& cb_;
+  const TrialProgress& progress_;
+  int at_most_;
   std::vector<Trial> trials_;
 };
 
@@ -286,16 +290,19 @@ int preference(const Plan& p) {
 }  // namespace
 
 TunerResult tune(Workload& workload, const TunerRequest& request, MemoryMeter& meter,
-                 const TrialCallback& on_trial) {
+                 const TrialProgress& progress) {
   const auto t0 = std::chrono::steady_clock::now();
   TunerResult result;
-  Session session(workload, request, meter, on_trial);
   const WorkloadKnobs knobs = workload.knobs();
+  // Every candidate plan of the task as asked, once: the most trials the search can need for it.
+  const int at_most = static_cast<int>(candidate_micro_batches(request).size()) * 2 *
+                      (knobs.checkpointing && !request.checkpointing ? 2 : 1);
+  Session session(workload, request, meter, progress, at_most);
   const uint64_t baseline = meter.baseline_bytes();
 
-  // Candidate pairs in order of cost to the user. fp16 only where bf16 is not supported (an
-  // accelerator without bf16); on CPU and current GPUs bf16 is the low precision.
-  std::vector<Precision> precisions = {Precision::fp32, Precision::bf16};
+  // Candidate pairs in order of cost to the user: fp32, then the device's low precision (bf16 on
+  // CPUs and GPUs from compute capability 8.0, fp16 with loss scaling before).
+  std::vector<Precision> precisions = {Precision::fp32, request.low_precision};
   if (!request.allowed_precisions.empty()) precisions = request.allowed_precisions;
   if (request.precision) precisions = {*request.precision};
   std::vector<bool> ckpts = {false};
@@ -322,7 +329,7 @@ TunerResult tune(Workload& workload, const TunerRequest& request, MemoryMeter& m
   }
 
   int64_t seq_len = request.seq_len.value_or(0);
-  int64_t d_model = 0;
+  int64_t d_model = request.d_model.value_or(0);
   auto search_pairs = [&](const std::vector<Precision>& precs) -> std::vector<Trial> {
     std::vector<Trial> finalists;
     ModelSearch ms(workload, request, session, baseline, seq_len, d_model);
@@ -341,6 +348,7 @@ TunerResult tune(Workload& workload, const TunerRequest& request, MemoryMeter& m
         std::optional<Line> predicted;
         if (anchor) predicted = ms.transfer(*anchor, pair);
         PairResult pr = ms.search(pair, predicted, above);
+        result.lines.push_back({prec, ckpt, seq_len, d_model, pr.line.a, pr.line.b, pr.measured});
         if (pr.measured && !anchor) anchor = pr;
         if (pr.best && !ckpt) best_mb[prec] = pr.best->plan.micro_batch;
       }
@@ -367,24 +375,52 @@ TunerResult tune(Workload& workload, const TunerRequest& request, MemoryMeter& m
   };
 
   std::vector<Trial> finalists = search_all();
-  // Nothing fits: shrink the task only where the user allowed it, sequence first, then width.
+  // Nothing fits: change the task only where the user allowed it, and as little as that takes.
+  // The candidates (shorter sequences, narrower models, both) are tried in order of the share of
+  // the task they remove, -log2(T'/T * P'/P) for sequence length T and parameters P
+  // (docs/DECISIONS.md); the first that fits wins.
   const int64_t base_seq = workload.default_seq_len(), base_width = workload.default_width();
-  while (finalists.empty() && request.allow_shrink_seq && knobs.seq_len &&
-         (seq_len ? seq_len : base_seq) / 2 >= 8 && !request.seq_len) {
-    seq_len = (seq_len ? seq_len : base_seq) / 2;
-    finalists = search_all();
-  }
-  while (finalists.empty() && request.allow_shrink_width && knobs.width &&
-         (d_model ? d_model : base_width) / 2 >= 8) {
-    d_model = (d_model ? d_model : base_width) / 2;
-    finalists = search_all();
+  if (finalists.empty()) {
+    std::vector<int64_t> seqs = {seq_len ? seq_len : base_seq}, widths = {d_model};
+    if (request.allow_shrink_seq && knobs.seq_len && !request.seq_len)
+      for (int64_t t = base_seq / 2; t >= 8; t /= 2) seqs.push_back(t);
+    if (request.allow_shrink_width && knobs.width && !request.d_model)
+      for (int64_t w : workload.width_options()) widths.push_back(w);
+    auto params_at = [&](int64_t width) {
+      Plan p = make_plan(request, 1, {Precision::fp32, false}, 0, width);
+      return static_cast<double>(workload.estimate_terms(p).n_params);
+    };
+    const double base_params = params_at(d_model);
+    struct Change {
+      int64_t seq, width;
+      double cost;
+    };
+    std::vector<Change> ladder;
+    for (int64_t t : seqs)
+      for (int64_t w : widths) {
+        if (t == seqs.front() && w == widths.front()) continue;  // the task as asked: tried
+        const double kept =
+            static_cast<double>(t) / static_cast<double>(seqs.front()) * params_at(w) / base_params;
+        ladder.push_back({t, w, -std::log2(kept)});
+      }
+    // Cheapest first; at equal cost the one that keeps the model (a shorter sequence).
+    std::stable_sort(ladder.begin(), ladder.end(), [&](const Change& a, const Change& b) {
+      if (std::abs(a.cost - b.cost) > 1e-9) return a.cost < b.cost;
+      return a.width == widths.front() && b.width != widths.front();
+    });
+    for (const Change& c : ladder) {
+      seq_len = c.seq == base_seq ? 0 : c.seq;
+      d_model = c.width;
+      finalists = search_all();
+      if (!finalists.empty()) break;
+    }
   }
   if (seq_len && seq_len != base_seq && !request.seq_len) {
     result.shrunk_task = true;
     result.shrink_note += "sequence length shrunk from " + std::to_string(base_seq) + " to " +
                           std::to_string(seq_len) + " (the task changed). ";
   }
-  if (d_model && d_model != base_width) {
+  if (d_model && d_model != base_width && !request.d_model) {
     result.shrunk_task = true;
     result.shrink_note += "model width shrunk from " + std::to_string(base_width) + " to " +
                           std::to_string(d_model) + " (the model changed). ";

@@ -17,6 +17,9 @@ struct CheckpointMeta {
   Plan plan;
   uint64_t seed = 0;
   nlohmann::json workload;  // workload config, to refuse resuming a different model
+  // The training device: an accelerator's generator (its dropout masks) is saved beside the
+  // CPU's, so a resume there is exact too.
+  torch::Device device = torch::kCPU;
 };
 
 std::string checkpoint_dir(const std::string& run_dir);
@@ -32,9 +35,10 @@ std::vector<std::string> list_checkpoints(const std::string& run_dir);
 // Reads only the metadata (for --resume planning); nullopt if the file is unreadable.
 std::optional<CheckpointMeta> read_checkpoint_meta(const std::string& path);
 
-// Loads state into `model`/`optimizer` and returns the metadata plus the loss scaler state.
+// Loads state into `model`/`optimizer` and returns the metadata plus the loss scaler state; the
+// RNG of the CPU and, when it is an accelerator, of `device` are restored.
 CheckpointMeta load_checkpoint(const std::string& path, torch::nn::Module& model,
-                               torch::optim::Optimizer& optimizer,
-                               torch::Tensor* loss_scaler_state);
+                               torch::optim::Optimizer& optimizer, torch::Tensor* loss_scaler_state,
+                               torch::Device device = torch::kCPU);
 
 }  // namespace autotune

@@ -86,6 +86,9 @@ class GptWorkload : public Workload {
   WorkloadKnobs knobs() const override { return {true, true, true}; }
   int64_t default_seq_len() const override { return config_.seq_len; }
   int64_t default_width() const override { return config_.d_model; }
+  // 3/4, 1/2, 3/8, 1/4, ... of d_model, each a multiple of n_head (the heads stay; their width
+  // shrinks), at least 8.
+  std::vector<int64_t> width_options() const override;
   void validate(const Plan& plan) const override;
   int64_t tokens_per_sequence(const Plan& plan) const override { return seq_len(plan); }
   std::string describe_data() const override { return data_->path() + ": " + data_->describe(); }

@@ -44,4 +44,18 @@ struct ModePolicy {
 };
 ModePolicy policy_for(Mode mode, std::optional<uint64_t> budget_bytes);
 
+// An accelerator's memory against its budget, not the host's RAM: ultra-low on a small device
+// (under 8 GiB), low where less is free than the budget asks (other processes share the device),
+// else normal. A forced --mode wins.
+ModeChoice choose_device_mode(Mode requested, std::optional<uint64_t> budget_bytes,
+                              uint64_t device_total_bytes, uint64_t device_free_bytes);
+// An accelerator run's policy: the device-side settings (start small, eval batch cap, releasing
+// caches between phases) from the device's mode; the host-side ones (read mode, sample cache,
+// prefetch) from the host's mode and the host budget.
+ModePolicy policy_for(Mode device_mode, std::optional<uint64_t> device_budget_bytes, Mode host_mode,
+                      uint64_t host_budget_bytes);
+// The host budget of an accelerator run without --host-budget: the available RAM less the 2 GiB
+// reserve, at least 512 MiB.
+uint64_t default_host_budget(const MachineFacts& host);
+
 }  // namespace autotune

@@ -81,7 +81,12 @@ class MemoryMeter {
   bool is_accelerator() const { return device_.type() != c10::DeviceType::CPU; }
   bool peak_rss_resettable() const { return peak_rss_resettable_; }
   uint64_t baseline_bytes() const { return baseline_bytes_; }
-  // Re-measure the baseline now (call when no training tensors are alive).
+  // Accelerator: the device memory held outside the caching allocator (the CUDA context, loaded
+  // kernels, cuBLAS/cuDNN handles), measured with the baseline; 0 on CPU. The budget figure and
+  // the memory fraction use this one number.
+  uint64_t context_bytes() const { return context_bytes_; }
+  // Re-measure the baseline (and an accelerator's context) now: call after a warm-up step, when
+  // no training tensors are alive, so libraries' one-time growth is in them.
   void remeasure_baseline();
 
   // Start of a phase: device peak stats, CPU tensor peak and VmHWM all restart from now.
@@ -120,8 +125,10 @@ struct DeviceMemoryInfo {
 };
 DeviceMemoryInfo device_memory_info(torch::Device device);
 
-// Accelerator-only budget enforcement (the CUDA caching allocator's per-process memory fraction).
-// No-op returning false on CPU and on LibTorch builds without CUDA.
-bool enforce_device_budget(torch::Device device, uint64_t budget_bytes);
+// Accelerator-only budget enforcement: the CUDA caching allocator's per-process memory fraction,
+// set to (budget - context) / total, so reserved + context stays within the budget. The context
+// is the meter's measurement (MemoryMeter::context_bytes). budget 0 lifts the cap. No-op
+// returning false on CPU and on LibTorch builds without CUDA.
+bool enforce_device_budget(torch::Device device, uint64_t budget_bytes, uint64_t context_bytes);
 
 }  // namespace autotune

@@ -46,6 +46,7 @@ class MemoryMonitor : public TrainObserver {
   void on_phase_begin(Phase phase) override;
   void on_phase_end(Phase phase, int64_t step) override;
   void on_step(const StepStats& s) override;
+  void on_recovery(const Recovery& r) override;  // an "oom_recovery" event in the timeline
   void on_end(const RunSummary& s) override;
 
   // Largest budget figure seen, and where.
@@ -55,8 +56,15 @@ class MemoryMonitor : public TrainObserver {
   const std::map<Phase, PhasePeak>& phase_peaks() const { return by_phase_; }
   const std::vector<PhasePeak>& history() const { return history_; }
   bool warned() const { return warned_; }
-  // The --json "memory" object: peak_bytes (the budget figure), per phase and per meter.
+  // The --json "memory" object: peak_bytes (the budget figure), per phase and per meter, and the
+  // allocators' refusals and retries during the run.
   nlohmann::json to_json() const;
+  // Since the monitor started: allocations refused (the CPU cap, the device allocator) and the
+  // device allocator's retries (it freed its cache and tried again: the early sign of thrashing).
+  struct AllocatorEvents {
+    uint64_t host_ooms = 0, device_ooms = 0, device_alloc_retries = 0;
+  };
+  AllocatorEvents allocator_events() const;
 
  private:
   void check_thresholds(const MemorySample& s, uint64_t budget_figure);
@@ -68,6 +76,7 @@ class MemoryMonitor : public TrainObserver {
   bool warned_ = false;
   std::ofstream timeline_;
   uint64_t tensor_at_begin_ = 0;
+  AllocatorEvents start_;  // the process-wide counters when the monitor started
 };
 
 }  // namespace autotune

@@ -9,6 +9,13 @@
 
 namespace autotune {
 
+// The low precision that is fast on `device`: bf16 on CPUs (AVX-512-BF16/AMX run it faster than
+// fp32; plain AVX2 slower, which the tuner measures) and on GPUs of compute capability >= 8.0;
+// fp16, with dynamic loss scaling, on older GPUs, where bf16 is emulated or missing.
+// AUTOTUNE_FAKE_LOW_PRECISION=fp16|bf16 substitutes the answer (a testing aid, like
+// AUTOTUNE_FAKE_MEM_TOTAL).
+Precision low_precision_for(torch::Device device);
+
 // Enables autocast for `device`'s type with the plan's dtype for the life of the scope
 // (fp32: does nothing). Restores the previous state and clears the cast cache on exit.
 class AutocastScope {

@@ -40,6 +40,7 @@ struct Profile {
   Fingerprint fingerprint;
   Plan plan;
   std::vector<Trial> trials;
+  std::vector<SearchLine> search_lines;  // the lines the model search fitted, for reports
   double probe_seconds = 0;
   bool task_changed = false;  // --allow-shrink changed seq_len or width
   std::string task_change_note;
@@ -47,6 +48,9 @@ struct Profile {
   std::string full_run_at;                      // ISO 8601 UTC
   int64_t oom_recoveries = 0;                   // seen in runs with this profile
   nlohmann::json recoveries = nlohmann::json::array();
+  // The last full run's allocator events: host_num_ooms, device_num_ooms,
+  // device_num_alloc_retries (retries are the early sign of thrashing).
+  nlohmann::json full_run_allocator = nlohmann::json::object();
   std::string created_at;
   std::string tool_version;
   nlohmann::json to_json() const;

@@ -29,14 +29,26 @@ class RunContext {
   const ModePolicy& policy() const { return policy_; }
   torch::Device device() const { return device_; }
   Workload& workload() { return *workload_; }
+  const Workload& workload() const { return *workload_; }
   MemoryMeter& meter() { return *meter_; }
   std::optional<uint64_t> budget_bytes() const { return budget_bytes_; }
   uint64_t margin_bytes() const { return margin_bytes_; }
+  // Accelerator runs: the host RAM budget (--host-budget, or derived from available RAM),
+  // enforced by the CPU allocator as on CPU; nullopt on CPU, where --budget is the host's.
+  std::optional<uint64_t> host_budget_bytes() const { return host_budget_bytes_; }
+  // The low precision that is fast on this device (bf16, or fp16 on older GPUs).
+  Precision low_precision() const { return low_precision_; }
   // Bytes a plan may use by the budget figure: budget - margin.
   std::optional<uint64_t> usable_bytes() const;
 
-  // Applies the budget as a hard limit: on CPU the counting allocator's cap (budget - margin -
-  // baseline), on CUDA the caching allocator's memory fraction. No budget: no cap.
+  // One uncapped micro-batch-1 step, then the baseline (and an accelerator's context) measured
+  // again: LibTorch's one-time growth (kernel registries, thread pools, oneDNN scratch, the CUDA
+  // context's lazily loaded kernels, cuBLAS handles) is paid here, outside every figure, and the
+  // caps derived from the baseline are exact.
+  void warm_up();
+  // Applies the budgets as hard limits: on CPU the counting allocator's cap (budget - margin -
+  // baseline) and RSS limit; on an accelerator the caching allocator's memory fraction (budget -
+  // context) and the host budget through the CPU allocator. No budget: no cap.
   void enforce_budget();
 
   TrainOptions train_options() const;
@@ -56,7 +68,9 @@ class RunContext {
   std::unique_ptr<MemoryMeter> meter_;
   std::optional<uint64_t> budget_bytes_;
   uint64_t margin_bytes_ = 0;
-  ModeChoice mode_;
+  std::optional<uint64_t> host_budget_bytes_;
+  Precision low_precision_ = Precision::bf16;
+  ModeChoice mode_, host_mode_;
   ModePolicy policy_;
   std::unique_ptr<MemoryMonitor> monitor_;
 };

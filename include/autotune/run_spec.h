@@ -19,16 +19,18 @@ std::optional<Mode> parse_mode(const std::string& s);
 
 struct RunSpec {
   std::string command = "run";          // run | probe | train | estimate
+  std::string command_line;             // as typed, for "run it again" hints
   std::string model = "gpt-mini";       // preset name or JSON file
   std::string data;                     // token or safetensors file (default: data/corpus.tok)
   std::string val_data;                 // validation file (default: from `data`)
   std::string device = "auto";          // auto | cpu | cuda[:N] | any accelerator LibTorch knows
   std::string budget_text;              // as given ("10G"); empty: no budget
+  std::string host_budget_text;         // --host-budget (accelerator runs); empty: derived
   std::optional<int64_t> global_batch;  // sequences per optimizer step (default 32)
   std::optional<int64_t> batch_tokens;  // alternative to global_batch, in tokens
 
   // Pins: knobs the user fixed; the tuner keeps them.
-  std::optional<int64_t> micro_batch, grad_accum, seq_len, eval_batch;
+  std::optional<int64_t> micro_batch, grad_accum, seq_len, d_model, eval_batch;
   std::optional<Precision> precision;
   std::optional<bool> checkpointing;
 
@@ -41,6 +43,8 @@ struct RunSpec {
   std::string run_dir;  // checkpoints and the memory timeline
   int64_t checkpoint_every = 0;
   bool resume = false;
+  bool resume_auto = false;  // --resume auto: fresh when the run dir holds no checkpoint
+  bool quiet = false, verbose = false;
 
   std::string profile_dir = "profiles";
   std::string profile_file;  // --profile FILE

@@ -36,9 +36,11 @@ struct TrainOptions {
   int keep_checkpoints = 3;
   bool resume = false;  // continue from the newest complete checkpoint in run_dir
 
-  // OOM ladder: halve micro_batch (x2 grad_accum), then checkpointing on, then bf16 if allowed.
+  // OOM ladder: halve micro_batch (x2 grad_accum), then checkpointing on, then the device's low
+  // precision (bf16, or fp16 where bf16 is not fast) if allowed.
   bool recover_oom = true;
   bool allow_precision_change = true;
+  Precision low_precision = Precision::bf16;
   // Ultra-low-mem: release the allocator caches between phases.
   bool release_between_phases = false;
   // Wait for the device at the end of every step, so step_ms is the step's real time (probe
@@ -108,7 +110,7 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
 
 // The optimizer steps of the next plan down the OOM ladder; false when nothing is left.
 bool next_plan_after_oom(const Plan& plan, bool can_checkpoint, bool allow_precision_change,
-                         Plan* next);
+                         Plan* next, Precision low_precision = Precision::bf16);
 
 // Learning rate at step (0-based) under warmup + cosine.
 double learning_rate(const TrainOptions& opt, int64_t step);

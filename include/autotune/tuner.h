@@ -41,6 +41,19 @@ struct Trial {
 void to_json(nlohmann::json& j, const Trial& t);
 void from_json(const nlohmann::json& j, Trial& t);
 
+// The line peak = a + b * micro_batch the model search fitted for one (precision, checkpointing)
+// pair of one task shape. Kept in the profile, so a report of it draws what the search saw.
+struct SearchLine {
+  Precision precision = Precision::fp32;
+  bool checkpointing = false;
+  int64_t seq_len = 0, d_model = 0;  // 0: the workload's
+  double a_bytes = 0;                // the budget figure at micro-batch 0
+  double b_bytes = 0;                // per sequence of the micro-batch
+  bool measured = false;             // through measured peaks (else the estimator's line)
+};
+void to_json(nlohmann::json& j, const SearchLine& l);
+void from_json(const nlohmann::json& j, SearchLine& l);
+
 struct ProbeOptions {
   uint64_t usable_bytes = 0;  // budget - margin: a plan fits when its peak is at most this
   int64_t measured_steps = 2;
@@ -77,13 +90,16 @@ struct TunerRequest {
   uint64_t usable_bytes = 0;     // budget - margin
   std::string search = "model";  // model | power | halve
   // Pins (nullopt: free)
-  std::optional<int64_t> micro_batch, seq_len;
+  std::optional<int64_t> micro_batch, seq_len, d_model;
   std::optional<Precision> precision;
   std::optional<bool> checkpointing;
   bool allow_shrink_seq = false, allow_shrink_width = false;
   bool start_small = false;                   // ultra-low-mem: start from the smallest micro-batch
   int64_t max_micro_batch = 0;                // a preset's bound (0: none)
-  std::vector<Precision> allowed_precisions;  // a preset's list (empty: fp32 and bf16)
+  std::vector<Precision> allowed_precisions;  // a preset's list (empty: fp32 and low_precision)
+  // The device's fast low precision (low_precision_for): bf16, or fp16 with loss scaling on GPUs
+  // before compute capability 8.0.
+  Precision low_precision = Precision::bf16;
   int64_t eval_batch = 0;
   // A low precision is probed only where it can be faster: its matmul runs at least this
   // fraction of fp32's speed on the device (matmul_speed_vs_fp32), or no fp32 plan fits (slow
@@ -102,13 +118,18 @@ struct TunerResult {
   // matmul_speed_vs_fp32 of each low precision the search considered, and which it skipped.
   std::map<Precision, double> precision_speed;
   std::vector<Precision> skipped_precisions;
+  std::vector<SearchLine> lines;  // per pair the model search worked on (none for power/halve)
 };
 
-// Called after each trial (for progress lines).
-using TrialCallback = std::function<void(const Trial&)>;
+// Progress of a search, for the console: before each trial (its plan, its number from 1, and an
+// upper bound of the trials the search can need for the task as asked) and after it.
+struct TrialProgress {
+  std::function<void(const Plan& plan, int index, int at_most)> started;
+  std::function<void(const Trial& trial, int index, int at_most)> finished;
+};
 
 TunerResult tune(Workload& workload, const TunerRequest& request, MemoryMeter& meter,
-                 const TrialCallback& on_trial = {});
+                 const TrialProgress& progress = {});
 
 // Divisors of n in increasing order (micro-batches that keep the effective batch exact).
 std::vector<int64_t> divisors(int64_t n);

@@ -99,6 +99,8 @@ class Workload {
   virtual WorkloadKnobs knobs() const = 0;
   virtual int64_t default_seq_len() const = 0;
   virtual int64_t default_width() const = 0;
+  // The narrower widths the model can be built at, widest first (knobs().width only).
+  virtual std::vector<int64_t> width_options() const { return {}; }
   // Checks a plan against the model and the data; throws UsageError naming the fix.
   virtual void validate(const Plan& plan) const = 0;
   // Units of work per sequence for throughput (tokens for a language model, 1 for a model whose

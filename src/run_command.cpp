@@ -1,0 +1,371 @@
+// `autotune run` and `autotune probe`: reuse a valid profile or probe, then (run) train with the
+// chosen plan and write the full run's peak back into the profile. Read top to bottom in
+// tune_command; each step is a function above it.
+#include <algorithm>
+#include <filesystem>
+#include <iostream>
+
+#include <spdlog/spdlog.h>
+
+#include "autotune/commands.h"
+#include "autotune/errors.h"
+#include "autotune/machine.h"
+#include "autotune/profile.h"
+#include "autotune/reporter.h"
+#include "autotune/run_context.h"
+#include "autotune/size.h"
+#include "autotune/tuner.h"
+
+namespace autotune {
+
+namespace {
+
+Fingerprint make_fingerprint(RunContext& ctx, int64_t global_batch) {
+  const RunSpec& s = ctx.spec();
+  Fingerprint fp;
+  fp.workload = ctx.workload().config();
+  fp.model_name = ctx.workload().model_name();
+  fp.device_kind = c10::DeviceTypeName(ctx.device().type(), /*lower_case=*/true);
+  const DeviceMemoryInfo info = device_memory_info(ctx.device());
+  fp.device_name = info.name;
+  fp.device_total_bytes = info.total_bytes;
+  fp.libtorch_version = TORCH_VERSION;
+  fp.tool_version = AUTOTUNE_VERSION;
+  fp.budget_bytes = *ctx.budget_bytes();
+  fp.margin_bytes = ctx.margin_bytes();
+  fp.global_batch = global_batch;
+  nlohmann::json pins = nlohmann::json::object();
+  if (s.micro_batch) pins["micro_batch"] = *s.micro_batch;
+  if (s.precision) pins["precision"] = to_string(*s.precision);
+  if (s.checkpointing) pins["checkpointing"] = *s.checkpointing;
+  if (s.seq_len) pins["seq_len"] = *s.seq_len;
+  if (s.d_model) pins["d_model"] = *s.d_model;
+  if (s.eval_batch) pins["eval_batch"] = *s.eval_batch;
+  pins["allow_shrink"] = {{"seq", s.allow_shrink_seq}, {"width", s.allow_shrink_width}};
+  pins["search"] = s.search;
+  pins["mode"] = to_string(s.mode);
+  fp.pins = pins;
+  return fp;
+}
+
+// A trial's result in a word: `fits_word`, OOM, slow (stopped early), error or no (above budget).
+const char* outcome(const Trial& t, const char* fits_word) {
+  if (t.fits) return fits_word;
+  if (t.oom) return "OOM";
+  if (t.too_slow) return "slow";
+  return t.error ? "error" : "no";
+}
+
+void print_trials(const std::vector<Trial>& trials, const Plan& chosen) {
+  if (trials.empty()) return;
+  spdlog::info("    {:>3}  {:<48} {:>5} {:>12} {:>10}  {}", "#", "plan", "fits", "peak", "tokens/s",
+               "reason");
+  int i = 0;
+  for (const auto& t : trials)
+    spdlog::info("{:>3} {:>3}  {:<48} {:>5} {:>12} {:>10.0f}  {}", t.plan == chosen ? "==>" : "",
+                 ++i, t.plan.describe(), outcome(t, "yes"),
+                 t.peak_bytes ? format_bytes(t.peak_bytes) : "-", t.tokens_per_s, t.reason);
+}
+
+// Saves unless the store is unwritable; then warns (or fails with --require-profile-save).
+bool save_profile(const ProfileStore& store, const Profile& p, const std::string& path,
+                  bool required) {
+  try {
+    store.save(p, path);
+    return true;
+  } catch (const RuntimeError& e) {
+    if (required) throw RuntimeError(std::string(e.what()) + " (--require-profile-save)");
+    spdlog::warn("{}; going on without saving the profile", e.what());
+    return false;
+  }
+}
+
+int64_t checked_global_batch(const RunContext& ctx) {
+  const RunSpec& spec = ctx.spec();
+  const int64_t global_batch =
+      resolve_global_batch(spec, spec.seq_len.value_or(ctx.workload().default_seq_len()));
+  if (spec.micro_batch && global_batch % *spec.micro_batch != 0)
+    throw UsageError("--global-batch " + std::to_string(global_batch) +
+                     " is not reachable with --micro-batch " + std::to_string(*spec.micro_batch) +
+                     ": the micro-batch must divide the global batch; pick a divisor");
+  return global_batch;
+}
+
+ProfileStore open_store(const RunSpec& spec) {
+  ProfileStore store(spec.profile_dir);
+  if (spec.require_profile_save) {
+    try {
+      store.check_writable();
+    } catch (const RuntimeError& e) {
+      throw RuntimeError(std::string(e.what()) + " (--require-profile-save)");
+    }
+  }
+  return store;
+}
+
+// The stored profile for this setup when it still fits here, verified over two steps (step 1
+// creates the AdamW states in its optimizer phase, so only step 2 reaches parameters + gradients
+// + states + activations); nullopt means probe.
+std::optional<Profile> reusable_profile(RunContext& ctx, const ProfileStore& store,
+                                        const std::string& path, const Fingerprint& fp,
+                                        const ProbeOptions& probe, uint64_t* verified_peak) {
+  const RunSpec& spec = ctx.spec();
+  if (!spec.profile_file.empty() && !std::filesystem::exists(path))
+    throw UsageError("--profile " + path + ": no such file; drop --profile to probe");
+  if (spec.reprobe) return std::nullopt;
+  std::optional<Profile> profile;
+  try {
+    profile = store.load(path);
+    if (profile && !(profile->fingerprint == fp)) {
+      if (spec.profile_file.empty()) {
+        spdlog::warn("profile {} has a different fingerprint; re-probing", path);
+        return std::nullopt;
+      }
+      if (profile->plan.global_batch() != fp.global_batch)
+        throw UsageError("--profile " + path + " is for global batch " +
+                         std::to_string(profile->plan.global_batch()) + ", not " +
+                         std::to_string(fp.global_batch) + "; use --global-batch " +
+                         std::to_string(profile->plan.global_batch()) + " or re-probe");
+      spdlog::warn("--profile {} was made for another setup; verifying its plan here", path);
+    }
+  } catch (const UsageError& e) {
+    if (!spec.profile_file.empty() && profile) throw;  // a given profile for another batch
+    spdlog::warn("{}; re-probing", e.what());
+    return std::nullopt;
+  }
+  if (!profile) return std::nullopt;
+  ProbeOptions verify = probe;
+  verify.measured_steps = 1;
+  const Trial t = run_trial(ctx.workload(), profile->plan, verify, ctx.meter());
+  *verified_peak = t.peak_bytes;
+  if (!t.fits) {
+    spdlog::warn("profile {} no longer fits ({}: peak {}); re-probing", path, t.reason,
+                 format_bytes(t.peak_bytes));
+    return std::nullopt;
+  }
+  spdlog::info(
+      "reusing profile {}: {} (verified over 2 steps: peak {} of usable {}); 0 probe "
+      "trials",
+      path, profile->plan.describe(), format_bytes(t.peak_bytes), format_bytes(probe.usable_bytes));
+  return profile;
+}
+
+// One line per trial: on a terminal a live line while it runs, then its outcome.
+TrialProgress console_progress(const RunContext& ctx) {
+  TrialProgress p;
+  const bool quiet = ctx.spec().quiet;
+  const uint64_t budget = *ctx.budget_bytes();
+  p.started = [quiet](const Plan& plan, int i, int at_most) {
+    if (!quiet)
+      live_line::draw(fmt::format("trial {}{}  {}  running...", i,
+                                  i <= at_most ? " of at most " + std::to_string(at_most) : "",
+                                  plan.describe()));
+  };
+  p.finished = [quiet, budget](const Trial& t, int i, int at_most) {
+    live_line::clear();
+    if (quiet) return;
+    spdlog::info("trial {:>2}{} {:<48} {:>4}  peak {:>11} of {}  {:>8.0f} tok/s  {:.1f}s", i,
+                 i <= at_most ? "/" + std::to_string(at_most) : "", t.plan.describe(),
+                 outcome(t, "fits"), t.peak_bytes ? format_bytes(t.peak_bytes) : "-",
+                 format_bytes(budget), t.tokens_per_s, t.wall_s);
+  };
+  return p;
+}
+
+struct Probed {
+  Profile profile;
+  nlohmann::json precision_speed = nlohmann::json::object();  // low precision: matmul x fp32
+};
+
+// The search, its report, and the profile it makes (saved).
+Probed probe_and_choose(RunContext& ctx, const ProfileStore& store, const std::string& path,
+                        const Fingerprint& fp, const ProbeOptions& probe) {
+  const RunSpec& spec = ctx.spec();
+  TunerRequest req;
+  req.global_batch = fp.global_batch;
+  req.budget_bytes = *ctx.budget_bytes();
+  req.usable_bytes = *ctx.usable_bytes();
+  req.search = spec.search;
+  req.micro_batch = spec.micro_batch;
+  req.seq_len = spec.seq_len;
+  req.d_model = spec.d_model;
+  req.precision = spec.precision;
+  req.checkpointing = spec.checkpointing;
+  req.allow_shrink_seq = spec.allow_shrink_seq;
+  req.allow_shrink_width = spec.allow_shrink_width;
+  req.start_small = ctx.policy().start_small;
+  req.max_micro_batch = spec.preset_max_micro_batch;
+  req.allowed_precisions = spec.preset_precisions;
+  req.eval_batch = spec.eval_batch.value_or(ctx.policy().eval_batch_cap);
+  req.low_precision = ctx.low_precision();
+  req.probe = probe;
+  spdlog::info("probing: budget {} (usable {} after the margin), global batch {}, search {}",
+               format_bytes(req.budget_bytes), format_bytes(req.usable_bytes), fp.global_batch,
+               spec.search);
+  const TunerResult r = tune(ctx.workload(), req, ctx.meter(), console_progress(ctx));
+  Probed out;
+  for (const auto& [prec, speed] : r.precision_speed) {
+    out.precision_speed[to_string(prec)] = speed;
+    const bool skipped = std::find(r.skipped_precisions.begin(), r.skipped_precisions.end(),
+                                   prec) != r.skipped_precisions.end();
+    spdlog::info("{} matmul runs at {:.3g}x fp32 speed on {}{}", to_string(prec), speed,
+                 ctx.device().str(),
+                 skipped ? ": its plans were not probed (they cannot be faster); --precision " +
+                               to_string(prec) + " probes them"
+                         : "");
+  }
+  if (!r.plan) {
+    print_trials(r.trials, Plan{});
+    throw RuntimeError(r.infeasible_message);
+  }
+  print_trials(r.trials, *r.plan);
+  if (r.shrunk_task) spdlog::warn("THE TASK WAS CHANGED TO FIT: {}", r.shrink_note);
+  Profile& p = out.profile;
+  p.fingerprint = fp;
+  p.plan = *r.plan;
+  p.trials = r.trials;
+  p.search_lines = r.lines;
+  p.probe_seconds = r.probe_seconds;
+  p.task_changed = r.shrunk_task;
+  p.task_change_note = r.shrink_note;
+  p.created_at = now_iso8601();
+  p.tool_version = AUTOTUNE_VERSION;
+  spdlog::info("chosen plan {} after {} trials in {:.1f}s", r.plan->describe(), r.trials.size(),
+               r.probe_seconds);
+  save_profile(store, p, path, spec.require_profile_save);
+  return out;
+}
+
+// The full run's peak, allocator events and recoveries go back into the profile; the next run
+// starts from the plan that survived.
+void record_full_run(RunContext& ctx, const ProfileStore& store, const std::string& path,
+                     Profile& profile, const RunSummary& summary) {
+  profile.full_run_peak_bytes = ctx.monitor()->peak_budget_bytes();
+  profile.full_run_at = now_iso8601();
+  profile.full_run_allocator = ctx.monitor()->to_json().at("allocator");
+  profile.oom_recoveries += static_cast<int64_t>(summary.recoveries.size());
+  for (const auto& rec : summary.recoveries)
+    profile.recoveries.push_back({{"step", rec.step + 1},
+                                  {"phase", to_string(rec.phase)},
+                                  {"before", rec.before},
+                                  {"after", rec.after},
+                                  {"at", now_iso8601()}});
+  if (!summary.recoveries.empty()) profile.plan = summary.plan;
+  save_profile(store, profile, path, ctx.spec().require_profile_save);
+}
+
+// The end of the summary: why this plan, the peak against the budget, where the profile is, and
+// the commands to type next.
+void print_what_next(const RunContext& ctx, const Profile& profile, const std::string& path,
+                     std::optional<uint64_t> peak, bool reused) {
+  const uint64_t budget = *ctx.budget_bytes();
+  std::vector<std::pair<std::string, std::string>> rows;
+  if (reused) {
+    rows.push_back({"why this plan", "reused from the profile (verified to fit here)"});
+  } else {
+    std::vector<std::string> over, slower;
+    for (const auto& t : profile.trials) {
+      if (t.plan == profile.plan || t.error) continue;
+      const std::string mb = "micro-batch " + std::to_string(t.plan.micro_batch) + " " +
+                             to_string(t.plan.precision) + (t.plan.checkpointing ? "+ckpt" : "");
+      if (!t.fits)
+        over.push_back(mb + (t.peak_bytes ? " (" + format_bytes(t.peak_bytes) + ")" : " (OOM)"));
+      else
+        slower.push_back(mb + fmt::format(" ({:.0f} tok/s)", t.tokens_per_s));
+    }
+    auto join = [](const std::vector<std::string>& v) {
+      std::string s;
+      for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
+      return s.empty() ? std::string("-") : s;
+    };
+    double chosen_tps = 0;
+    for (const auto& t : profile.trials)
+      if (t.plan == profile.plan) chosen_tps = t.tokens_per_s;
+    rows.push_back(
+        {"chosen", profile.plan.describe() + fmt::format(" ({:.0f} tok/s)", chosen_tps)});
+    rows.push_back({"did not fit", join(over)});
+    rows.push_back({"fitted, slower", join(slower)});
+  }
+  if (peak)
+    rows.push_back({"peak / budget",
+                    fmt::format("{} of {} ({:.1f}%)", format_bytes(*peak), format_bytes(budget),
+                                100.0 * static_cast<double>(*peak) / static_cast<double>(budget))});
+  rows.push_back({"profile", path});
+  rows.push_back(
+      {"next: run again", ctx.spec().command_line + "   (reuses the profile: 0 trials)"});
+  rows.push_back({"next: train it", "autotune train --profile " + path + " [--steps N]"});
+  rows.push_back(
+      {"next: draw it",
+       "autotune report " + path +
+           (ctx.spec().run_dir.empty() ? std::string() : " --run " + ctx.spec().run_dir) +
+           " --output report.html"});
+  print_table("what next", rows, /*always=*/true);
+}
+
+}  // namespace
+
+int tune_command(const RunSpec& spec_in) {
+  RunContext ctx(spec_in);
+  const RunSpec& spec = ctx.spec();
+  const int64_t global_batch = checked_global_batch(ctx);
+  const ProfileStore store = open_store(spec);
+  spdlog::info("mode {}", ctx.mode().reason);
+  const Fingerprint fp = make_fingerprint(ctx, global_batch);
+  const std::string path = spec.profile_file.empty() ? store.path_for(fp) : spec.profile_file;
+
+  ctx.warm_up();  // LibTorch's one-time growth before the baseline is measured
+  ctx.enforce_budget();
+  ProbeOptions probe;
+  probe.usable_bytes = *ctx.usable_bytes();
+  probe.seed = spec.seed;
+  probe.device = ctx.device();
+
+  // ---- a profile that still fits, or a probe ----
+  uint64_t verified_peak = 0;
+  std::optional<Profile> profile = reusable_profile(ctx, store, path, fp, probe, &verified_peak);
+  const bool reused = profile.has_value();
+  nlohmann::json precision_speed = nlohmann::json::object();
+  if (!profile) {
+    Probed probed = probe_and_choose(ctx, store, path, fp, probe);
+    profile = std::move(probed.profile);
+    precision_speed = std::move(probed.precision_speed);
+  }
+  const nlohmann::json trials = reused ? nlohmann::json::array() : nlohmann::json(profile->trials);
+  nlohmann::json j = {
+      {"plan", profile->plan},
+      {"budget_bytes", *ctx.budget_bytes()},
+      {"trials", trials},
+      {"profile", path},
+      {"reused_profile", reused},
+      {"verified_peak_bytes", reused ? nlohmann::json(verified_peak) : nlohmann::json()},
+      {"mode", to_string(ctx.mode().mode)},
+      {"precision_speed", precision_speed},
+      {"task_changed", profile->task_changed}};
+  if (spec.command == "probe") {
+    print_what_next(ctx, *profile, path, std::nullopt, reused);
+    if (spec.json) std::cout << j.dump(2) << std::endl;
+    return kExitOk;
+  }
+
+  // ---- train with the plan; the full run's peak goes back into the profile ----
+  ctx.print_settings(profile->plan, reused
+                                        ? "profile " + path
+                                        : "probed (" + std::to_string(trials.size()) + " trials)");
+  const RunSummary summary = ctx.train(profile->plan);
+  const uint64_t peak = ctx.monitor()->peak_budget_bytes();
+  if (peak > *ctx.budget_bytes())
+    spdlog::warn("full run peak {} is ABOVE THE BUDGET {}", format_bytes(peak),
+                 format_bytes(*ctx.budget_bytes()));
+  record_full_run(ctx, store, path, *profile, summary);
+  print_what_next(ctx, *profile, path, peak, reused);
+  if (spec.json) {
+    nlohmann::json out = ctx.summary_json(summary);
+    for (auto it = j.begin(); it != j.end(); ++it)
+      if (it.key() != "plan" && it.key() != "budget_bytes") out[it.key()] = it.value();
+    out["within_budget"] = peak <= *ctx.budget_bytes();
+    std::cout << out.dump(2) << std::endl;
+  }
+  return ctx.exit_code(summary);
+}
+
+}  // namespace autotune
