@@ -2,6 +2,7 @@
 
 #include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <iostream>
 #include <memory>
 
@@ -59,7 +60,7 @@ void add_common(cxxopts::Options& o) {
       cxxopts::value<std::string>()->implicit_value("yes"))(
       "budget", "memory budget: 10G = 10 GiB, 10GB = 10^9 bytes, 512M, 80% of the device", text())(
       "host-budget", "host RAM budget of an accelerator run (size); default: available RAM - 2 GiB",
-      text())("margin", "safety margin below the budget, bytes or % of it; default 5%", text())(
+      text())("margin", "safety margin below the budget, bytes or % of it; default 2%", text())(
       "profile-dir", "profile store; default profiles/", text())(
       "profile", "use this profile file (train: its plan; run/probe: verify and reuse it)", text())(
       "mode", "auto | normal | low | ultra-low; default auto (from memory and budget)", text())(
@@ -81,6 +82,40 @@ void add_common(cxxopts::Options& o) {
       "model's",
       text())("eval-batch", "sequences per evaluation forward; default the micro-batch", text());
 }
+
+// Levenshtein distance, for "did you mean".
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diag = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diag = up;
+    }
+  }
+  return row[b.size()];
+}
+
+// The closest of `options` to `word`, or "" when none is close (at most a third of its letters
+// off, at least two).
+std::string closest(const std::string& word, const std::vector<std::string>& options) {
+  std::string best;
+  size_t best_d = std::max<size_t>(2, word.size() / 3) + 1;
+  for (const auto& o : options) {
+    const size_t d = edit_distance(word, o);
+    if (d < best_d) {
+      best_d = d;
+      best = o;
+    }
+  }
+  return best;
+}
+
+const std::vector<std::string> kCommands = {"run",          "probe",    "train",  "estimate",
+                                            "prepare-data", "profiles", "report", "help"};
 
 // Numbers are taken as text and converted here, so a bad value names its flag.
 template <typename T>
@@ -128,6 +163,8 @@ RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r) {
   s.command = command;
   take(r, "model", s.model);
   take(r, "data", s.data);
+  s.model_given = r.count("model") > 0;
+  s.data_given = r.count("data") > 0;
   take(r, "val-data", s.val_data);
   take(r, "device", s.device);
   take(r, "global-batch", s.global_batch);
@@ -236,15 +273,51 @@ int dispatch(int argc, char** argv) {
   if (command == "prepare-data") return prepare_data_command(argc - first + 1, argv + first - 1);
   if (command == "profiles") return profiles_command(argc - first + 1, argv + first - 1);
   if (command == "report") return report_command(argc - first + 1, argv + first - 1);
-  if (command != "run" && command != "probe" && command != "train" && command != "estimate")
-    throw UsageError("unknown command '" + command +
-                     "': use run, probe, train, estimate, prepare-data or profiles");
+  if (command != "run" && command != "probe" && command != "train" && command != "estimate") {
+    const std::string near = closest(command, kCommands);
+    throw UsageError("unknown command '" + command + "'" +
+                     (near.empty() ? "" : ": did you mean " + near + "?") +
+                     " (commands: run, probe, train, estimate, prepare-data, profiles, report)");
+  }
 
   cxxopts::Options options("autotune " + command, kUsage);
   add_common(options);
   std::vector<char*> args = {argv[0]};
-  for (int i = first; i < argc; ++i) args.push_back(argv[i]);
-  auto result = options.parse(static_cast<int>(args.size()), args.data());
+  // cxxopts takes an optional value only as --resume=auto; `--resume auto` is what people type.
+  static char resume_auto[] = "--resume=auto";
+  for (int i = first; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--resume") == 0 && i + 1 < argc &&
+        std::strcmp(argv[i + 1], "auto") == 0) {
+      args.push_back(resume_auto);
+      ++i;
+      continue;
+    }
+    args.push_back(argv[i]);
+  }
+  cxxopts::ParseResult result;
+  try {
+    result = options.parse(static_cast<int>(args.size()), args.data());
+  } catch (const cxxopts::exceptions::no_such_option& e) {
+    // "Option ‘xyz’ does not exist": name the closest real one.
+    std::string what = e.what(), flag;
+    auto a = what.find("\xe2\x80\x98"), b = what.find("\xe2\x80\x99");
+    size_t quote = 3;
+    if (a == std::string::npos) {  // cxxopts' plain quotes where it has no Unicode ones
+      a = what.find('\'');
+      b = what.find('\'', a + 1);
+      quote = 1;
+    }
+    if (a != std::string::npos && b != std::string::npos && b > a)
+      flag = what.substr(a + quote, b - a - quote);
+    std::vector<std::string> names;
+    for (const auto& g : options.groups())
+      for (const auto& o : options.group_help(g).options)
+        for (const auto& l : o.l) names.push_back(l);
+    const std::string near = closest(flag, names);
+    throw UsageError("unknown option --" + flag +
+                     (near.empty() ? "" : ": did you mean --" + near + "?") + " (see autotune " +
+                     command + " --help)");
+  }
   if (!result.unmatched().empty())
     throw UsageError("unexpected argument '" + result.unmatched()[0] + "'; see autotune --help");
   if (result.count("help")) {
@@ -254,6 +327,7 @@ int dispatch(int argc, char** argv) {
   RunSpec spec = spec_from(command, result);
   spec.command_line = "autotune";
   for (int i = 1; i < argc; ++i) spec.command_line += std::string(" ") + argv[i];
+  spec.argv.assign(argv, argv + argc);
   if (spec.json) live_line::set_enabled(false);  // plain lines beside a machine-read stdout
   if (spec.quiet) spdlog::set_level(spdlog::level::warn);
   if (spec.verbose) spdlog::set_level(spdlog::level::debug);

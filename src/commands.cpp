@@ -12,6 +12,7 @@
 #include "autotune/errors.h"
 #include "autotune/memory.h"
 #include "autotune/memory_monitor.h"
+#include "autotune/profile.h"
 #include "autotune/reporter.h"
 #include "autotune/run_context.h"
 #include "autotune/size.h"
@@ -51,12 +52,95 @@ int prepare_data_command(int argc, char** argv) {
   return kExitOk;
 }
 
-int train_command(const RunSpec& spec) {
+namespace {
+// `train --profile FILE`: the profile's plan, with each plan flag given beside it overriding its
+// one knob (--micro-batch keeps the profile's global batch through grad_accum); the profile's
+// model and data unless --model / --data are given. `source` says which knob came from where,
+// for the settings table.
+Plan plan_from_profile(RunSpec& spec, std::string* source, nlohmann::json* workload) {
+  if (!std::filesystem::exists(spec.profile_file))
+    throw UsageError("--profile " + spec.profile_file +
+                     ": no such file (`autotune profiles list` shows the stored ones)");
+  const auto profile = ProfileStore(spec.profile_dir).load(spec.profile_file);
+  *workload = profile->fingerprint.workload;
+  const nlohmann::json& model = profile->fingerprint.workload.at("model");
+  if (!spec.model_given)
+    spec.model = model.contains("path") ? model.at("path").get<std::string>()
+                                        : profile->fingerprint.model_name;
+  const nlohmann::json& data = profile->fingerprint.workload.value("data", nlohmann::json());
+  if (!spec.data_given && data.is_object() && data.contains("path"))
+    spec.data = data.at("path").get<std::string>();
+  Plan plan = profile->plan;
+  const int64_t global = plan.global_batch();
+  if (spec.global_batch && *spec.global_batch != global)
+    throw UsageError("--profile " + spec.profile_file + " is a plan for global batch " +
+                     std::to_string(global) + ", not " + std::to_string(*spec.global_batch) +
+                     "; drop --global-batch or probe again with autotune probe");
+  std::vector<std::string> overridden;
+  if (spec.micro_batch) {
+    if (global % *spec.micro_batch != 0)
+      throw UsageError("--micro-batch " + std::to_string(*spec.micro_batch) +
+                       " does not divide the profile's global batch " + std::to_string(global) +
+                       "; pick a divisor");
+    plan.micro_batch = *spec.micro_batch;
+    plan.grad_accum = global / plan.micro_batch;
+    overridden.push_back("micro_batch (--micro-batch)");
+  } else if (spec.grad_accum) {
+    if (global % *spec.grad_accum != 0)
+      throw UsageError("--grad-accum " + std::to_string(*spec.grad_accum) +
+                       " does not divide the profile's global batch " + std::to_string(global));
+    plan.grad_accum = *spec.grad_accum;
+    plan.micro_batch = global / plan.grad_accum;
+    overridden.push_back("grad_accum (--grad-accum)");
+  }
+  if (spec.precision) {
+    plan.precision = *spec.precision;
+    overridden.push_back("precision (--precision)");
+  }
+  if (spec.checkpointing) {
+    plan.checkpointing = *spec.checkpointing;
+    overridden.push_back("checkpointing (--checkpointing)");
+  }
+  if (spec.seq_len) {
+    plan.seq_len = *spec.seq_len;
+    overridden.push_back("seq_len (--seq-len)");
+  }
+  if (spec.d_model) {
+    plan.d_model = *spec.d_model;
+    overridden.push_back("d_model (--d-model)");
+  }
+  if (spec.eval_batch) {
+    plan.eval_batch = *spec.eval_batch;
+    overridden.push_back("eval_batch (--eval-batch)");
+  }
+  *source = "profile " + spec.profile_file;
+  for (size_t i = 0; i < overridden.size(); ++i)
+    *source += (i == 0 ? "; from the command line: " : ", ") + overridden[i];
+  return plan;
+}
+}  // namespace
+
+int train_command(const RunSpec& spec_in) {
+  RunSpec spec = spec_in;
+  std::string source = "explicit (autotune train)";
+  std::optional<Plan> from_profile;
+  nlohmann::json profile_workload;
+  if (!spec.profile_file.empty()) {
+    from_profile = plan_from_profile(spec, &source, &profile_workload);
+    spec.global_batch = from_profile->global_batch();
+  }
   RunContext ctx(spec);
-  Plan plan = plan_from_pins(spec, ctx.workload().default_seq_len(), /*default_micro_batch=*/8);
+  if (from_profile && ctx.workload().config() != profile_workload)
+    spdlog::warn(
+        "--profile {} was made for another model or data than this run's; its plan may "
+        "not fit (autotune --budget SIZE probes this setup)",
+        spec.profile_file);
+  Plan plan = from_profile ? *from_profile
+                           : plan_from_pins(spec, ctx.workload().default_seq_len(),
+                                            /*default_micro_batch=*/8);
   ctx.workload().validate(plan);
-  ctx.warm_up();
-  ctx.print_settings(plan, "explicit (autotune train)");
+  ctx.warm_up({plan.precision});
+  ctx.print_settings(plan, source);
   RunSummary summary = ctx.train(plan);
   if (spec.json) std::cout << ctx.summary_json(summary).dump(2) << std::endl;
   return ctx.exit_code(summary);

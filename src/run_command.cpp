@@ -1,7 +1,12 @@
 // `autotune run` and `autotune probe`: reuse a valid profile or probe, then (run) train with the
 // chosen plan and write the full run's peak back into the profile. Read top to bottom in
 // tune_command; each step is a function above it.
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <iostream>
 
@@ -175,7 +180,34 @@ TrialProgress console_progress(const RunContext& ctx) {
 struct Probed {
   Profile profile;
   nlohmann::json precision_speed = nlohmann::json::object();  // low precision: matmul x fp32
+  uint64_t verified_peak_bytes = 0;  // the chosen plan's peak over 2 steps after the probe
+  bool needs_fresh_process = false;  // no probed plan fits this process any more (see below)
 };
+
+// Runs this command again in a fresh process, which finds the profile just saved, verifies its
+// plan over 2 steps and trains: the state the probe's trials left behind dies with this process.
+[[noreturn]] void train_in_a_fresh_process(const RunContext& ctx, const std::string& path) {
+  if (std::getenv("AUTOTUNE_FRESH_PROCESS"))
+    throw RuntimeError(
+        "the probed plan does not fit a fresh process either; give a larger "
+        "--budget or --precision fp32");
+  std::vector<std::string> args;
+  for (const auto& a : ctx.spec().argv)
+    if (a != "--reprobe") args.push_back(a);
+  if (ctx.spec().profile_file.empty()) args.insert(args.end(), {"--profile", path});
+  spdlog::warn(
+      "no probed plan fits this process after the probe; training in a fresh process "
+      "that reuses the profile {}",
+      path);
+  spdlog::default_logger()->flush();
+  std::vector<char*> c_args;
+  for (auto& a : args) c_args.push_back(a.data());
+  c_args.push_back(nullptr);
+  setenv("AUTOTUNE_FRESH_PROCESS", "1", 1);
+  execv("/proc/self/exe", c_args.data());
+  throw RuntimeError(std::string("cannot start a fresh process: ") + std::strerror(errno) +
+                     "; run the same command again (it reuses the profile " + path + ")");
+}
 
 // The search, its report, and the profile it makes (saved).
 Probed probe_and_choose(RunContext& ctx, const ProfileStore& store, const std::string& path,
@@ -218,12 +250,16 @@ Probed probe_and_choose(RunContext& ctx, const ProfileStore& store, const std::s
     print_trials(r.trials, Plan{});
     throw RuntimeError(r.infeasible_message);
   }
-  print_trials(r.trials, *r.plan);
-  if (r.shrunk_task) spdlog::warn("THE TASK WAS CHANGED TO FIT: {}", r.shrink_note);
   Profile& p = out.profile;
   p.fingerprint = fp;
-  p.plan = *r.plan;
   p.trials = r.trials;
+  const std::optional<Verified> verified = verify_after_search(
+      ctx.workload(), r, probe, ctx.meter(), [&] { ctx.enforce_budget(); }, &p.trials);
+  p.plan = verified ? verified->plan : *r.plan;
+  out.verified_peak_bytes = verified ? verified->peak_bytes : 0;
+  out.needs_fresh_process = !verified;
+  print_trials(p.trials, p.plan);
+  if (r.shrunk_task) spdlog::warn("THE TASK WAS CHANGED TO FIT: {}", r.shrink_note);
   p.search_lines = r.lines;
   p.probe_seconds = r.probe_seconds;
   p.task_changed = r.shrunk_task;
@@ -282,7 +318,9 @@ void print_what_next(const RunContext& ctx, const Profile& profile, const std::s
     for (const auto& t : profile.trials)
       if (t.plan == profile.plan) chosen_tps = t.tokens_per_s;
     rows.push_back(
-        {"chosen", profile.plan.describe() + fmt::format(" ({:.0f} tok/s)", chosen_tps)});
+        {"chosen", profile.plan.describe() +
+                       (chosen_tps > 0 ? fmt::format(" ({:.0f} tok/s in its trial)", chosen_tps)
+                                       : std::string(" (set by an OOM recovery in the run)"))});
     rows.push_back({"did not fit", join(over)});
     rows.push_back({"fitted, slower", join(slower)});
   }
@@ -313,7 +351,7 @@ int tune_command(const RunSpec& spec_in) {
   const Fingerprint fp = make_fingerprint(ctx, global_batch);
   const std::string path = spec.profile_file.empty() ? store.path_for(fp) : spec.profile_file;
 
-  ctx.warm_up();  // LibTorch's one-time growth before the baseline is measured
+  ctx.warm_up(ctx.precisions_in_play());  // one-time growth before the baseline
   ctx.enforce_budget();
   ProbeOptions probe;
   probe.usable_bytes = *ctx.usable_bytes();
@@ -329,18 +367,19 @@ int tune_command(const RunSpec& spec_in) {
     Probed probed = probe_and_choose(ctx, store, path, fp, probe);
     profile = std::move(probed.profile);
     precision_speed = std::move(probed.precision_speed);
+    verified_peak = probed.verified_peak_bytes;
+    if (probed.needs_fresh_process && spec.command != "probe") train_in_a_fresh_process(ctx, path);
   }
   const nlohmann::json trials = reused ? nlohmann::json::array() : nlohmann::json(profile->trials);
-  nlohmann::json j = {
-      {"plan", profile->plan},
-      {"budget_bytes", *ctx.budget_bytes()},
-      {"trials", trials},
-      {"profile", path},
-      {"reused_profile", reused},
-      {"verified_peak_bytes", reused ? nlohmann::json(verified_peak) : nlohmann::json()},
-      {"mode", to_string(ctx.mode().mode)},
-      {"precision_speed", precision_speed},
-      {"task_changed", profile->task_changed}};
+  nlohmann::json j = {{"plan", profile->plan},
+                      {"budget_bytes", *ctx.budget_bytes()},
+                      {"trials", trials},
+                      {"profile", path},
+                      {"reused_profile", reused},
+                      {"verified_peak_bytes", verified_peak},
+                      {"mode", to_string(ctx.mode().mode)},
+                      {"precision_speed", precision_speed},
+                      {"task_changed", profile->task_changed}};
   if (spec.command == "probe") {
     print_what_next(ctx, *profile, path, std::nullopt, reused);
     if (spec.json) std::cout << j.dump(2) << std::endl;

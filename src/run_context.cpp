@@ -134,15 +134,25 @@ RunContext::~RunContext() {
   if (!device_.is_cpu() && budget_bytes_) enforce_device_budget(device_, 0, 0);
 }
 
-void RunContext::warm_up() {
-  Plan smallest;
-  smallest.micro_batch = 1;
+std::vector<Precision> RunContext::precisions_in_play() const {
+  if (spec_.precision) return {*spec_.precision};
+  std::vector<Precision> all = {Precision::fp32, low_precision_};
+  if (!spec_.preset_precisions.empty()) all = spec_.preset_precisions;
+  return all;
+}
+
+void RunContext::warm_up(const std::vector<Precision>& precisions) {
   ProbeOptions warm;
   warm.usable_bytes = UINT64_MAX;
   warm.measured_steps = 0;
   warm.device = device_;
   warm.seed = spec_.seed;
-  run_trial(*workload_, smallest, warm, *meter_);
+  for (const Precision precision : precisions) {
+    Plan smallest;
+    smallest.micro_batch = 1;
+    smallest.precision = precision;
+    run_trial(*workload_, smallest, warm, *meter_);
+  }
   meter_->release_cache();
   meter_->remeasure_baseline();
 }

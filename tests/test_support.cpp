@@ -103,6 +103,11 @@ ProcessResult run_autotune(const std::vector<std::string>& args,
   return run(AUTOTUNE_BIN, on_cpu(args), env);
 }
 
+ProcessResult run_program(const std::string& program, const std::vector<std::string>& args,
+                          const std::vector<std::string>& env) {
+  return run(program, args, env);
+}
+
 ProcessResult run_python(const std::vector<std::string>& args) {
   if (!fs::exists(AUTOTUNE_PYTHON))
     throw std::runtime_error(std::string("the fixtures need the project's Python ") +

@@ -37,6 +37,10 @@ ProcessResult run_autotune(const std::vector<std::string>& args,
 // for tests that signal or kill it. Pinned to the CPU as run_autotune.
 pid_t start_autotune(const std::vector<std::string>& args);
 
+// Runs any program (an absolute path) with `args`, capturing its output.
+ProcessResult run_program(const std::string& program, const std::vector<std::string>& args,
+                          const std::vector<std::string>& env = {});
+
 // `args` with --device cpu added to a training command that names no device.
 std::vector<std::string> on_cpu(const std::vector<std::string>& args);
 

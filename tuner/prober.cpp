@@ -9,6 +9,7 @@
 #include <spdlog/spdlog.h>
 
 #include "autotune/memory_monitor.h"
+#include "autotune/size.h"
 #include "autotune/trainer.h"
 #include "autotune/tuner.h"
 
@@ -239,6 +240,56 @@ Trial run_trial(Workload& workload, const Plan& plan, const ProbeOptions& opt, M
     t.wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
   return t;
+}
+
+std::optional<Verified> verify_after_search(Workload& workload, const TunerResult& result,
+                                            const ProbeOptions& probe, MemoryMeter& meter,
+                                            const std::function<void()>& reapply_caps,
+                                            std::vector<Trial>* trials) {
+  if (!result.plan) return std::nullopt;
+  Verified v;
+  meter.release_cache();
+  v.baseline_before_bytes = meter.baseline_bytes();
+  meter.remeasure_baseline();
+  v.baseline_after_bytes = meter.baseline_bytes();
+  reapply_caps();
+  const Plan& chosen = *result.plan;
+  std::vector<Trial> fitted;
+  for (const auto& t : result.trials)
+    if (t.fits && t.plan.seq_len == chosen.seq_len && t.plan.d_model == chosen.d_model &&
+        !(t.plan == chosen))
+      fitted.push_back(t);
+  std::stable_sort(fitted.begin(), fitted.end(),
+                   [](const Trial& a, const Trial& b) { return a.tokens_per_s > b.tokens_per_s; });
+  std::vector<Plan> order = {chosen};
+  for (const auto& t : fitted) order.push_back(t.plan);
+  ProbeOptions verify = probe;
+  verify.measured_steps = 1;  // step 1 makes the AdamW states, step 2 reaches the full peak
+  for (const Plan& plan : order) {
+    const Trial t = run_trial(workload, plan, verify, meter);
+    if (t.fits) {
+      for (auto& trial : *trials)
+        if (trial.plan == plan) trial.reason = "chosen";
+      spdlog::info("verified {} after the probe: peak {} of usable {} (baseline {} -> {})",
+                   plan.describe(), format_bytes(t.peak_bytes), format_bytes(probe.usable_bytes),
+                   format_bytes(v.baseline_before_bytes), format_bytes(v.baseline_after_bytes));
+      v.plan = plan;
+      v.peak_bytes = t.peak_bytes;
+      return v;
+    }
+    for (auto& trial : *trials)
+      if (trial.plan == plan) {
+        trial.fits = false;
+        trial.reason = "fitted in its trial, not after the probe (baseline grew)";
+      }
+    spdlog::warn(
+        "{} no longer fits after the probe ({}: peak {}; the process baseline grew from "
+        "{} to {}); trying the next fastest plan that fitted",
+        plan.describe(), t.reason, format_bytes(t.peak_bytes),
+        format_bytes(v.baseline_before_bytes), format_bytes(v.baseline_after_bytes));
+  }
+  *trials = result.trials;
+  return std::nullopt;
 }
 
 }  // namespace autotune

@@ -68,6 +68,7 @@ class Session {
     return nullptr;
   }
   std::vector<Trial>& trials() { return trials_; }
+  const std::vector<Trial>& trials() const { return trials_; }
 
  private:
   Workload& w_;
@@ -287,121 +288,91 @@ int preference(const Plan& p) {
   return static_cast<int>(p.precision) * 2 + (p.checkpointing ? 1 : 0);
 }
 
-}  // namespace
-
-TunerResult tune(Workload& workload, const TunerRequest& request, MemoryMeter& meter,
-                 const TrialProgress& progress) {
-  const auto t0 = std::chrono::steady_clock::now();
-  TunerResult result;
-  const WorkloadKnobs knobs = workload.knobs();
-  // Every candidate plan of the task as asked, once: the most trials the search can need for it.
-  const int at_most = static_cast<int>(candidate_micro_batches(request).size()) * 2 *
-                      (knobs.checkpointing && !request.checkpointing ? 2 : 1);
-  Session session(workload, request, meter, progress, at_most);
-  const uint64_t baseline = meter.baseline_bytes();
+// One search, in the steps tune() reads top to bottom.
+class Tuner {
+ public:
+  Tuner(Workload& w, const TunerRequest& r, MemoryMeter& m, const TrialProgress& progress)
+      : w_(w),
+        r_(r),
+        m_(m),
+        knobs_(w.knobs()),
+        // Every candidate plan of the task as asked, once: the most trials it can need.
+        session_(w, r, m, progress,
+                 static_cast<int>(candidate_micro_batches(r).size()) * 2 *
+                     (knobs_.checkpointing && !r.checkpointing ? 2 : 1)),
+        baseline_(m.baseline_bytes()) {}
 
   // Candidate pairs in order of cost to the user: fp32, then the device's low precision (bf16 on
-  // CPUs and GPUs from compute capability 8.0, fp16 with loss scaling before).
-  std::vector<Precision> precisions = {Precision::fp32, request.low_precision};
-  if (!request.allowed_precisions.empty()) precisions = request.allowed_precisions;
-  if (request.precision) precisions = {*request.precision};
-  std::vector<bool> ckpts = {false};
-  if (knobs.checkpointing) ckpts.push_back(true);
-  if (request.checkpointing) ckpts = {*request.checkpointing};
-
-  // A low precision that is slower than fp32 on this device is probed only when no fp32 plan
-  // fits; where fp32 is not a candidate, the user (or preset) asked for the low precision.
-  const bool fp32_candidate =
-      std::find(precisions.begin(), precisions.end(), Precision::fp32) != precisions.end();
-  std::vector<Precision> fast = precisions, slow;
-  if (fp32_candidate && request.min_precision_speed > 0 && request.search == "model") {
-    fast.clear();
-    for (Precision p : precisions) {
+  // CPUs and GPUs from compute capability 8.0, fp16 with loss scaling before). A low precision
+  // slower than fp32 on this device (its matmul measured) is kept apart, probed only when no fp32
+  // plan fits; where fp32 is not a candidate, the user (or a preset) asked for it.
+  void choose_candidates() {
+    precisions_ = {Precision::fp32, r_.low_precision};
+    if (!r_.allowed_precisions.empty()) precisions_ = r_.allowed_precisions;
+    if (r_.precision) precisions_ = {*r_.precision};
+    ckpts_ = {false};
+    if (knobs_.checkpointing) ckpts_.push_back(true);
+    if (r_.checkpointing) ckpts_ = {*r_.checkpointing};
+    fast_ = precisions_;
+    const bool fp32_candidate =
+        std::find(precisions_.begin(), precisions_.end(), Precision::fp32) != precisions_.end();
+    if (!fp32_candidate || r_.min_precision_speed <= 0 || r_.search != "model") return;
+    fast_.clear();
+    for (Precision p : precisions_) {
       if (p != Precision::fp32) {
-        result.precision_speed[p] = matmul_speed_vs_fp32(request.probe.device, p);
-        if (result.precision_speed[p] < request.min_precision_speed) {
-          slow.push_back(p);
+        result_.precision_speed[p] = matmul_speed_vs_fp32(r_.probe.device, p);
+        if (result_.precision_speed[p] < r_.min_precision_speed) {
+          slow_.push_back(p);
           continue;
         }
       }
-      fast.push_back(p);
+      fast_.push_back(p);
     }
   }
 
-  int64_t seq_len = request.seq_len.value_or(0);
-  int64_t d_model = request.d_model.value_or(0);
-  auto search_pairs = [&](const std::vector<Precision>& precs) -> std::vector<Trial> {
-    std::vector<Trial> finalists;
-    ModelSearch ms(workload, request, session, baseline, seq_len, d_model);
-    std::optional<PairResult> anchor;      // the first pair with a measured line
-    std::map<Precision, int64_t> best_mb;  // the largest fitting micro-batch without checkpointing
-    for (bool ckpt : ckpts) {
-      for (Precision prec : precs) {
-        Pair pair{prec, ckpt};
-        // Checkpointing costs ~1/3 more compute: it can win only at a micro-batch larger than
-        // the one that fits without it, and only when that one is small.
-        int64_t above = 0;
-        if (ckpt && best_mb.count(prec)) {
-          if (best_mb[prec] >= std::min<int64_t>(4, request.global_batch)) continue;
-          above = best_mb[prec];
-        }
-        std::optional<Line> predicted;
-        if (anchor) predicted = ms.transfer(*anchor, pair);
-        PairResult pr = ms.search(pair, predicted, above);
-        result.lines.push_back({prec, ckpt, seq_len, d_model, pr.line.a, pr.line.b, pr.measured});
-        if (pr.measured && !anchor) anchor = pr;
-        if (pr.best && !ckpt) best_mb[prec] = pr.best->plan.micro_batch;
-      }
-    }
-    // Every fitting plan measured here is a finalist (the largest of each pair and those the
-    // walk down measured).
-    for (const auto& t : session.trials())
-      if (t.fits && t.plan.seq_len == seq_len && t.plan.d_model == d_model &&
-          std::find(precs.begin(), precs.end(), t.plan.precision) != precs.end())
-        finalists.push_back(t);
-    return finalists;
-  };
-  auto search_all = [&]() -> std::vector<Trial> {
-    if (request.search != "model") {
+  // The fitting plans of one task shape (sequence length, width; 0: the workload's).
+  std::vector<Trial> search_shape(int64_t seq_len, int64_t d_model) {
+    seq_len_ = seq_len;
+    d_model_ = d_model;
+    if (r_.search != "model") {
       std::vector<Trial> finalists;
-      Pair pair{precisions.front(), ckpts.front()};
-      if (auto t = classic_search(request.search, request, session, pair, seq_len, d_model))
+      Pair pair{precisions_.front(), ckpts_.front()};
+      if (auto t = classic_search(r_.search, r_, session_, pair, seq_len, d_model))
         finalists.push_back(*t);
       return finalists;
     }
-    std::vector<Trial> finalists = search_pairs(fast);
-    if (finalists.empty() && !slow.empty()) finalists = search_pairs(slow);  // slow beats none
+    std::vector<Trial> finalists = search_pairs(fast_);
+    if (finalists.empty() && !slow_.empty()) finalists = search_pairs(slow_);  // slow beats none
     return finalists;
-  };
+  }
 
-  std::vector<Trial> finalists = search_all();
   // Nothing fits: change the task only where the user allowed it, and as little as that takes.
   // The candidates (shorter sequences, narrower models, both) are tried in order of the share of
   // the task they remove, -log2(T'/T * P'/P) for sequence length T and parameters P
   // (docs/DECISIONS.md); the first that fits wins.
-  const int64_t base_seq = workload.default_seq_len(), base_width = workload.default_width();
-  if (finalists.empty()) {
-    std::vector<int64_t> seqs = {seq_len ? seq_len : base_seq}, widths = {d_model};
-    if (request.allow_shrink_seq && knobs.seq_len && !request.seq_len)
+  std::vector<Trial> shrink_until_one_fits() {
+    const int64_t base_seq = w_.default_seq_len();
+    std::vector<int64_t> seqs = {seq_len_ ? seq_len_ : base_seq}, widths = {d_model_};
+    if (r_.allow_shrink_seq && knobs_.seq_len && !r_.seq_len)
       for (int64_t t = base_seq / 2; t >= 8; t /= 2) seqs.push_back(t);
-    if (request.allow_shrink_width && knobs.width && !request.d_model)
-      for (int64_t w : workload.width_options()) widths.push_back(w);
+    if (r_.allow_shrink_width && knobs_.width && !r_.d_model)
+      for (int64_t w : w_.width_options()) widths.push_back(w);
     auto params_at = [&](int64_t width) {
-      Plan p = make_plan(request, 1, {Precision::fp32, false}, 0, width);
-      return static_cast<double>(workload.estimate_terms(p).n_params);
+      Plan p = make_plan(r_, 1, {Precision::fp32, false}, 0, width);
+      return static_cast<double>(w_.estimate_terms(p).n_params);
     };
-    const double base_params = params_at(d_model);
+    const double base_params = params_at(widths.front());
     struct Change {
       int64_t seq, width;
       double cost;
     };
     std::vector<Change> ladder;
     for (int64_t t : seqs)
-      for (int64_t w : widths) {
-        if (t == seqs.front() && w == widths.front()) continue;  // the task as asked: tried
-        const double kept =
-            static_cast<double>(t) / static_cast<double>(seqs.front()) * params_at(w) / base_params;
-        ladder.push_back({t, w, -std::log2(kept)});
+      for (int64_t width : widths) {
+        if (t == seqs.front() && width == widths.front()) continue;  // the task as asked: tried
+        const double kept = static_cast<double>(t) / static_cast<double>(seqs.front()) *
+                            params_at(width) / base_params;
+        ladder.push_back({t, width, -std::log2(kept)});
       }
     // Cheapest first; at equal cost the one that keeps the model (a shorter sequence).
     std::stable_sort(ladder.begin(), ladder.end(), [&](const Change& a, const Change& b) {
@@ -409,98 +380,168 @@ TunerResult tune(Workload& workload, const TunerRequest& request, MemoryMeter& m
       return a.width == widths.front() && b.width != widths.front();
     });
     for (const Change& c : ladder) {
-      seq_len = c.seq == base_seq ? 0 : c.seq;
-      d_model = c.width;
-      finalists = search_all();
-      if (!finalists.empty()) break;
+      std::vector<Trial> finalists = search_shape(c.seq == base_seq ? 0 : c.seq, c.width);
+      if (!finalists.empty()) return finalists;
     }
-  }
-  if (seq_len && seq_len != base_seq && !request.seq_len) {
-    result.shrunk_task = true;
-    result.shrink_note += "sequence length shrunk from " + std::to_string(base_seq) + " to " +
-                          std::to_string(seq_len) + " (the task changed). ";
-  }
-  if (d_model && d_model != base_width && !request.d_model) {
-    result.shrunk_task = true;
-    result.shrink_note += "model width shrunk from " + std::to_string(base_width) + " to " +
-                          std::to_string(d_model) + " (the model changed). ";
+    return {};
   }
 
-  // Finalists within kNoiseFraction of the fastest are timed twice more, in turns, and ranked
-  // by the median of their three timings: one 1-s timing moves by +-15% between runs on a shared
+  // Finalists within kNoiseFraction of the fastest are timed twice more, in turns, and ranked by
+  // the median of their three timings: one 1-s timing moves by +-15% between runs on a shared
   // 2-core VM (docs/BENCHMARKS.md), enough to rank micro-batch 16 over 8 in one run and 8 over 16
   // in the next. Memory is not measured again.
-  std::sort(finalists.begin(), finalists.end(),
-            [](const Trial& x, const Trial& y) { return x.tokens_per_s > y.tokens_per_s; });
-  std::vector<Trial*> close;
-  for (auto& f : finalists)
-    if (close.size() < 3 && f.tokens_per_s >= (1.0 - kNoiseFraction) * finalists[0].tokens_per_s)
-      close.push_back(&f);
-  if (close.size() >= 2) {
+  void retime_close_finalists(std::vector<Trial>& finalists) {
+    std::sort(finalists.begin(), finalists.end(),
+              [](const Trial& x, const Trial& y) { return x.tokens_per_s > y.tokens_per_s; });
+    std::vector<Trial*> close;
+    for (auto& f : finalists)
+      if (close.size() < 3 && f.tokens_per_s >= (1.0 - kNoiseFraction) * finalists[0].tokens_per_s)
+        close.push_back(&f);
+    if (close.size() < 2) return;
     std::vector<std::vector<double>> timings;
     for (Trial* f : close) timings.push_back({f->tokens_per_s});
     for (int round = 0; round < 2; ++round)
       for (size_t i = 0; i < close.size(); ++i) {
-        const double t =
-            time_plan(workload, close[i]->plan, request.probe, meter, close[i]->tokens_per_s);
+        const double t = time_plan(w_, close[i]->plan, r_.probe, m_, close[i]->tokens_per_s);
         if (t > 0) timings[i].push_back(t);
       }
     for (size_t i = 0; i < close.size(); ++i) {
       std::sort(timings[i].begin(), timings[i].end());
       close[i]->tokens_per_s = timings[i][timings[i].size() / 2];
       close[i]->timings = static_cast<int>(timings[i].size());
-      for (auto& t : session.trials())
+      for (auto& t : session_.trials())
         if (t.plan == close[i]->plan) {
           t.tokens_per_s = close[i]->tokens_per_s;
           t.timings = close[i]->timings;
         }
     }
   }
-  for (Precision p : slow) {
-    bool probed = false;
-    for (const auto& t : session.trials()) probed = probed || t.plan.precision == p;
-    if (!probed) result.skipped_precisions.push_back(p);
-  }
-  result.trials = session.trials();
-  result.probe_seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  if (finalists.empty()) {
-    uint64_t smallest = 0;
-    for (const auto& t : result.trials)
-      if (t.peak_bytes && (!smallest || t.peak_bytes < smallest)) smallest = t.peak_bytes;
-    std::string hint = "a larger --budget";
-    if (!request.precision)
-      hint += ", --precision bf16";
-    else
-      hint += ", bf16";
-    if (knobs.checkpointing && !(request.checkpointing && !*request.checkpointing))
-      hint += ", --checkpointing on";
-    if (!request.allow_shrink_seq && knobs.seq_len) hint += ", --allow-shrink seq";
-    if (!request.allow_shrink_width && knobs.width) hint += ", --allow-shrink width";
-    result.infeasible_message =
-        "no plan fits the budget " + format_bytes(request.budget_bytes) + " (usable " +
-        format_bytes(request.usable_bytes) +
-        " after the margin): " + std::to_string(result.trials.size()) +
-        " trials, smallest measured peak " +
-        (smallest ? format_bytes(smallest) : std::string("none (all out of memory)")) + "; try " +
-        hint;
+
+  // The fastest finalist (within kTieFraction the one closest to the request), or the one line
+  // that says what would fit.
+  TunerResult finish(std::vector<Trial> finalists, double seconds) {
+    TunerResult& result = result_;
+    say_what_changed();
+    for (Precision p : slow_) {
+      bool probed = false;
+      for (const auto& t : session_.trials()) probed = probed || t.plan.precision == p;
+      if (!probed) result.skipped_precisions.push_back(p);
+    }
+    result.trials = session_.trials();
+    result.probe_seconds = seconds;
+    if (finalists.empty()) {
+      result.infeasible_message = infeasible_message();
+      return result;
+    }
+    std::sort(finalists.begin(), finalists.end(),
+              [](const Trial& x, const Trial& y) { return x.tokens_per_s > y.tokens_per_s; });
+    const Trial* chosen = &finalists.front();
+    for (const auto& f : finalists)
+      if (f.tokens_per_s >= (1.0 - kTieFraction) * finalists.front().tokens_per_s &&
+          preference(f.plan) < preference(chosen->plan))
+        chosen = &f;
+    result.plan = chosen->plan;
+    for (auto& t : result.trials)
+      if (t.fits && !(t.plan == chosen->plan))
+        t.reason = "fits, slower than the chosen plan";
+      else if (t.plan == chosen->plan)
+        t.reason = "chosen";
     return result;
   }
-  // Fastest wins; within kTieFraction the plan closest to the request wins.
-  std::sort(finalists.begin(), finalists.end(),
-            [](const Trial& x, const Trial& y) { return x.tokens_per_s > y.tokens_per_s; });
-  const Trial* chosen = &finalists.front();
-  for (const auto& f : finalists)
-    if (f.tokens_per_s >= (1.0 - kTieFraction) * finalists.front().tokens_per_s &&
-        preference(f.plan) < preference(chosen->plan))
-      chosen = &f;
-  result.plan = chosen->plan;
-  for (auto& t : result.trials)
-    if (t.fits && !(t.plan == chosen->plan))
-      t.reason = "fits, slower than the chosen plan";
-    else if (t.plan == chosen->plan)
-      t.reason = "chosen";
-  return result;
+
+ private:
+  // Every (precision, checkpointing) pair of `precs` for the current shape, each pair's line
+  // moved from the first measured one; the fitting plans measured are the finalists (the largest
+  // of each pair and those its walk down measured).
+  std::vector<Trial> search_pairs(const std::vector<Precision>& precs) {
+    ModelSearch ms(w_, r_, session_, baseline_, seq_len_, d_model_);
+    std::optional<PairResult> anchor;      // the first pair with a measured line
+    std::map<Precision, int64_t> best_mb;  // the largest fitting micro-batch without checkpointing
+    for (bool ckpt : ckpts_) {
+      for (Precision prec : precs) {
+        Pair pair{prec, ckpt};
+        // Checkpointing costs ~1/3 more compute: it can win only at a micro-batch larger than
+        // the one that fits without it, and only when that one is small.
+        int64_t above = 0;
+        if (ckpt && best_mb.count(prec)) {
+          if (best_mb[prec] >= std::min<int64_t>(4, r_.global_batch)) continue;
+          above = best_mb[prec];
+        }
+        std::optional<Line> predicted;
+        if (anchor) predicted = ms.transfer(*anchor, pair);
+        PairResult pr = ms.search(pair, predicted, above);
+        result_.lines.push_back(
+            {prec, ckpt, seq_len_, d_model_, pr.line.a, pr.line.b, pr.measured});
+        if (pr.measured && !anchor) anchor = pr;
+        if (pr.best && !ckpt) best_mb[prec] = pr.best->plan.micro_batch;
+      }
+    }
+    std::vector<Trial> finalists;
+    for (const auto& t : session_.trials())
+      if (t.fits && t.plan.seq_len == seq_len_ && t.plan.d_model == d_model_ &&
+          std::find(precs.begin(), precs.end(), t.plan.precision) != precs.end())
+        finalists.push_back(t);
+    return finalists;
+  }
+
+  void say_what_changed() {
+    const int64_t base_seq = w_.default_seq_len(), base_width = w_.default_width();
+    if (seq_len_ && seq_len_ != base_seq && !r_.seq_len) {
+      result_.shrunk_task = true;
+      result_.shrink_note += "sequence length shrunk from " + std::to_string(base_seq) + " to " +
+                             std::to_string(seq_len_) + " (the task changed). ";
+    }
+    if (d_model_ && d_model_ != base_width && !r_.d_model) {
+      result_.shrunk_task = true;
+      result_.shrink_note += "model width shrunk from " + std::to_string(base_width) + " to " +
+                             std::to_string(d_model_) + " (the model changed). ";
+    }
+  }
+
+  std::string infeasible_message() const {
+    uint64_t smallest = 0;
+    for (const auto& t : session_.trials())
+      if (t.peak_bytes && (!smallest || t.peak_bytes < smallest)) smallest = t.peak_bytes;
+    std::string hint = "a larger --budget";
+    if (!r_.precision || *r_.precision != r_.low_precision)
+      hint += ", --precision " + to_string(r_.low_precision);
+    if (knobs_.checkpointing && !(r_.checkpointing && !*r_.checkpointing))
+      hint += ", --checkpointing on";
+    if (!r_.allow_shrink_seq && knobs_.seq_len) hint += ", --allow-shrink seq";
+    if (!r_.allow_shrink_width && knobs_.width) hint += ", --allow-shrink width";
+    return "no plan fits the budget " + format_bytes(r_.budget_bytes) + " (usable " +
+           format_bytes(r_.usable_bytes) +
+           " after the margin): " + std::to_string(session_.trials().size()) +
+           " trials, smallest measured peak " +
+           (smallest ? format_bytes(smallest) : std::string("none (all out of memory)")) +
+           "; try " + hint;
+  }
+
+  Workload& w_;
+  const TunerRequest& r_;
+  MemoryMeter& m_;
+  const WorkloadKnobs knobs_;
+  Session session_;
+  const uint64_t baseline_;
+  std::vector<Precision> precisions_, fast_, slow_;
+  std::vector<bool> ckpts_;
+  int64_t seq_len_ = 0, d_model_ = 0;  // the shape searched last
+  TunerResult result_;
+};
+
+}  // namespace
+
+TunerResult tune(Workload& workload, const TunerRequest& request, MemoryMeter& meter,
+                 const TrialProgress& progress) {
+  const auto t0 = std::chrono::steady_clock::now();
+  Tuner tuner(workload, request, meter, progress);
+  tuner.choose_candidates();
+  std::vector<Trial> finalists =
+      tuner.search_shape(request.seq_len.value_or(0), request.d_model.value_or(0));
+  if (finalists.empty()) finalists = tuner.shrink_until_one_fits();  // only with --allow-shrink
+  if (!finalists.empty()) tuner.retime_close_finalists(finalists);
+  return tuner.finish(std::move(finalists),
+                      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
 }
 
 }  // namespace autotune

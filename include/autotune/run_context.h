@@ -41,11 +41,15 @@ class RunContext {
   // Bytes a plan may use by the budget figure: budget - margin.
   std::optional<uint64_t> usable_bytes() const;
 
-  // One uncapped micro-batch-1 step, then the baseline (and an accelerator's context) measured
-  // again: LibTorch's one-time growth (kernel registries, thread pools, oneDNN scratch, the CUDA
-  // context's lazily loaded kernels, cuBLAS handles) is paid here, outside every figure, and the
-  // caps derived from the baseline are exact.
-  void warm_up();
+  // One uncapped micro-batch-1 step in each precision the run may use, then the baseline (and an
+  // accelerator's context) measured again: LibTorch's one-time growth (kernel registries, thread
+  // pools, the oneDNN primitives and scratch that low-precision matmuls keep for the life of the
+  // process, the CUDA context's lazily loaded kernels, cuBLAS handles) is paid here, outside every
+  // figure, so every trial and the run after it stand on the same baseline and the caps derived
+  // from it are exact.
+  void warm_up(const std::vector<Precision>& precisions);
+  // The precisions a probe or run may visit: the pinned one, or fp32 and the fast low one.
+  std::vector<Precision> precisions_in_play() const;
   // Applies the budgets as hard limits: on CPU the counting allocator's cap (budget - margin -
   // baseline) and RSS limit; on an accelerator the caching allocator's memory fraction (budget -
   // context) and the host budget through the CPU allocator. No budget: no cap.

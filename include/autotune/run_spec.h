@@ -18,11 +18,13 @@ std::string to_string(Mode m);
 std::optional<Mode> parse_mode(const std::string& s);
 
 struct RunSpec {
-  std::string command = "run";          // run | probe | train | estimate
-  std::string command_line;             // as typed, for "run it again" hints
-  std::string model = "gpt-mini";       // preset name or JSON file
-  std::string data;                     // token or safetensors file (default: data/corpus.tok)
-  std::string val_data;                 // validation file (default: from `data`)
+  std::string command = "run";     // run | probe | train | estimate
+  std::string command_line;        // as typed, for "run it again" hints
+  std::vector<std::string> argv;   // as typed, argv[0] first: to train in a fresh process
+  std::string model = "gpt-mini";  // preset name or JSON file
+  std::string data;                // token or safetensors file (default: data/corpus.tok)
+  bool model_given = false, data_given = false;  // on the command line (train --profile fills them)
+  std::string val_data;                          // validation file (default: from `data`)
   std::string device = "auto";          // auto | cpu | cuda[:N] | any accelerator LibTorch knows
   std::string budget_text;              // as given ("10G"); empty: no budget
   std::string host_budget_text;         // --host-budget (accelerator runs); empty: derived
@@ -58,7 +60,7 @@ struct RunSpec {
   bool allow_shrink_seq = false, allow_shrink_width = false;
   bool reprobe = false;
   bool require_profile_save = false;
-  std::string margin_text = "5%";                 // safety margin below the budget
+  std::string margin_text = "2%";                 // safety margin below the budget
   bool margin_given = false, mode_given = false;  // given on the command line (beat a preset)
   bool json = false;
 };
