@@ -93,26 +93,16 @@ Plan plan_from_profile(RunSpec& spec, std::string* source, nlohmann::json* workl
     plan.micro_batch = global / plan.grad_accum;
     overridden.push_back("grad_accum (--grad-accum)");
   }
-  if (spec.precision) {
-    plan.precision = *spec.precision;
-    overridden.push_back("precision (--precision)");
-  }
-  if (spec.checkpointing) {
-    plan.checkpointing = *spec.checkpointing;
-    overridden.push_back("checkpointing (--checkpointing)");
-  }
-  if (spec.seq_len) {
-    plan.seq_len = *spec.seq_len;
-    overridden.push_back("seq_len (--seq-len)");
-  }
-  if (spec.d_model) {
-    plan.d_model = *spec.d_model;
-    overridden.push_back("d_model (--d-model)");
-  }
-  if (spec.eval_batch) {
-    plan.eval_batch = *spec.eval_batch;
-    overridden.push_back("eval_batch (--eval-batch)");
-  }
+  auto take = [&](const auto& pin, auto& knob, const char* what) {
+    if (!pin) return;
+    knob = *pin;
+    overridden.push_back(what);
+  };
+  take(spec.precision, plan.precision, "precision (--precision)");
+  take(spec.checkpointing, plan.checkpointing, "checkpointing (--checkpointing)");
+  take(spec.seq_len, plan.seq_len, "seq_len (--seq-len)");
+  take(spec.d_model, plan.d_model, "d_model (--d-model)");
+  take(spec.eval_batch, plan.eval_batch, "eval_batch (--eval-batch)");
   *source = "profile " + spec.profile_file;
   for (size_t i = 0; i < overridden.size(); ++i)
     *source += (i == 0 ? "; from the command line: " : ", ") + overridden[i];

@@ -404,6 +404,16 @@ uint64_t MemoryMeter::budget_figure_now(const MemorySample& s) const {
   return s.rss_bytes;
 }
 
+uint64_t MemoryMeter::trim_heap_above(uint64_t slack_bytes) const {
+  if (!device_.is_cpu()) return 0;
+  const uint64_t rss = read_process_memory().rss_bytes;
+  const uint64_t accounted = baseline_bytes_ + to_u64(cpu_alloc::reserved_bytes());
+  if (rss <= accounted + slack_bytes) return 0;
+  malloc_trim(0);
+  const uint64_t after = read_process_memory().rss_bytes;
+  return rss > after ? rss - after : 0;
+}
+
 void MemoryMeter::release_cache() const {
   if (accelerator_stats_) at::accelerator::emptyCache();
   cpu_alloc::release_cache();

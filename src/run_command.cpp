@@ -181,7 +181,7 @@ struct Probed {
   Profile profile;
   nlohmann::json precision_speed = nlohmann::json::object();  // low precision: matmul x fp32
   uint64_t verified_peak_bytes = 0;  // the chosen plan's peak over 2 steps after the probe
-  bool needs_fresh_process = false;  // no probed plan fits this process any more (see below)
+  bool needs_fresh_process = false;  // the plan no longer fits this process (see below)
 };
 
 // Runs this command again in a fresh process, which finds the profile just saved, verifies its
@@ -196,8 +196,8 @@ struct Probed {
     if (a != "--reprobe") args.push_back(a);
   if (ctx.spec().profile_file.empty()) args.insert(args.end(), {"--profile", path});
   spdlog::warn(
-      "no probed plan fits this process after the probe; training in a fresh process "
-      "that reuses the profile {}",
+      "the chosen plan no longer fits this process after the probe; training in a fresh "
+      "process that reuses the profile {}",
       path);
   spdlog::default_logger()->flush();
   std::vector<char*> c_args;
@@ -253,8 +253,12 @@ Probed probe_and_choose(RunContext& ctx, const ProfileStore& store, const std::s
   Profile& p = out.profile;
   p.fingerprint = fp;
   p.trials = r.trials;
+  // The chosen plan fits a fresh process when it no longer fits this one (its trial measured
+  // it): a restart costs seconds, a slower plan costs the whole run. Only a fresh process that
+  // had to probe again falls back to the next fastest plan.
+  const bool fall_back = std::getenv("AUTOTUNE_FRESH_PROCESS") != nullptr;
   const std::optional<Verified> verified = verify_after_search(
-      ctx.workload(), r, probe, ctx.meter(), [&] { ctx.enforce_budget(); }, &p.trials);
+      ctx.workload(), r, probe, ctx.meter(), [&] { ctx.enforce_budget(); }, &p.trials, fall_back);
   p.plan = verified ? verified->plan : *r.plan;
   out.verified_peak_bytes = verified ? verified->peak_bytes : 0;
   out.needs_fresh_process = !verified;
@@ -266,7 +270,7 @@ Probed probe_and_choose(RunContext& ctx, const ProfileStore& store, const std::s
   p.task_change_note = r.shrink_note;
   p.created_at = now_iso8601();
   p.tool_version = AUTOTUNE_VERSION;
-  spdlog::info("chosen plan {} after {} trials in {:.1f}s", r.plan->describe(), r.trials.size(),
+  spdlog::info("chosen plan {} after {} trials in {:.1f}s", p.plan.describe(), r.trials.size(),
                r.probe_seconds);
   save_profile(store, p, path, spec.require_profile_save);
   return out;
@@ -361,7 +365,9 @@ int tune_command(const RunSpec& spec_in) {
   // ---- a profile that still fits, or a probe ----
   uint64_t verified_peak = 0;
   std::optional<Profile> profile = reusable_profile(ctx, store, path, fp, probe, &verified_peak);
-  const bool reused = profile.has_value();
+  // A fresh process started by train_in_a_fresh_process reuses the profile its parent has just
+  // probed: it reports that probe's trials.
+  const bool reused = profile.has_value() && !std::getenv("AUTOTUNE_FRESH_PROCESS");
   nlohmann::json precision_speed = nlohmann::json::object();
   if (!profile) {
     Probed probed = probe_and_choose(ctx, store, path, fp, probe);

@@ -138,7 +138,14 @@ std::vector<Precision> RunContext::precisions_in_play() const {
   if (spec_.precision) return {*spec_.precision};
   std::vector<Precision> all = {Precision::fp32, low_precision_};
   if (!spec_.preset_precisions.empty()) all = spec_.preset_precisions;
-  return all;
+  // A low precision the search will skip as slow (a CPU without bf16 matmul units) is not warmed
+  // up either: one such step of a large model takes minutes there. Same test as the search's.
+  std::vector<Precision> in_play;
+  for (Precision p : all)
+    if (p == Precision::fp32 || spec_.search != "model" ||
+        matmul_speed_vs_fp32(device_, p) >= TunerRequest{}.min_precision_speed)
+      in_play.push_back(p);
+  return in_play;
 }
 
 void RunContext::warm_up(const std::vector<Precision>& precisions) {

@@ -93,7 +93,8 @@ TEST(MemoryTruth, AFullRunNeverPassesTheBudgetUnderTheCap) {
   ASSERT_EQ(probe.exit_code, 0) << probe.err;
   const uint64_t peak16 =
       nlohmann::json::parse(probe.out).at("trials").at(0).at("peak_bytes").get<uint64_t>();
-  const uint64_t budget = peak16 * 97 / 100;  // usable (95%) is below micro-batch 16's peak
+  const uint64_t budget =
+      peak16 * 97 / 100;  // usable (98%, the default margin 2%) is below micro-batch 16's peak
 
   auto r = tu::run_autotune(args({"--budget", std::to_string(budget), "--steps", "12", "--run-dir",
                                   dir + "/run", "--profile-dir", dir + "/profiles"}));

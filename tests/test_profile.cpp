@@ -129,8 +129,8 @@ TEST(Profile, CorruptProfilesAreReportedAndReprobed) {
   stored["plan"]["micro_batch"] = 32;
   stored["plan"]["grad_accum"] = 1;
   tu::write_file(mini_path, stored.dump());
-  // usable = 95% of the budget lies midway between the two peaks
-  const uint64_t budget = (peak1 + peak32) / 2 * 100 / 95;
+  // usable = 98% of the budget (the default margin 2%) lies midway between the two peaks
+  const uint64_t budget = (peak1 + peak32) / 2 * 100 / 98;
   auto args = mini(mini_store, std::to_string(budget));
   args.insert(args.end(), {"--profile", mini_path});
   std::string err;

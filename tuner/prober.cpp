@@ -245,7 +245,7 @@ Trial run_trial(Workload& workload, const Plan& plan, const ProbeOptions& opt, M
 std::optional<Verified> verify_after_search(Workload& workload, const TunerResult& result,
                                             const ProbeOptions& probe, MemoryMeter& meter,
                                             const std::function<void()>& reapply_caps,
-                                            std::vector<Trial>* trials) {
+                                            std::vector<Trial>* trials, bool fall_back) {
   if (!result.plan) return std::nullopt;
   Verified v;
   meter.release_cache();
@@ -262,7 +262,8 @@ std::optional<Verified> verify_after_search(Workload& workload, const TunerResul
   std::stable_sort(fitted.begin(), fitted.end(),
                    [](const Trial& a, const Trial& b) { return a.tokens_per_s > b.tokens_per_s; });
   std::vector<Plan> order = {chosen};
-  for (const auto& t : fitted) order.push_back(t.plan);
+  if (fall_back)
+    for (const auto& t : fitted) order.push_back(t.plan);
   ProbeOptions verify = probe;
   verify.measured_steps = 1;  // step 1 makes the AdamW states, step 2 reaches the full peak
   for (const Plan& plan : order) {
@@ -284,9 +285,10 @@ std::optional<Verified> verify_after_search(Workload& workload, const TunerResul
       }
     spdlog::warn(
         "{} no longer fits after the probe ({}: peak {}; the process baseline grew from "
-        "{} to {}); trying the next fastest plan that fitted",
+        "{} to {}){}",
         plan.describe(), t.reason, format_bytes(t.peak_bytes),
-        format_bytes(v.baseline_before_bytes), format_bytes(v.baseline_after_bytes));
+        format_bytes(v.baseline_before_bytes), format_bytes(v.baseline_after_bytes),
+        fall_back ? "; trying the next fastest plan that fitted" : "");
   }
   *trials = result.trials;
   return std::nullopt;

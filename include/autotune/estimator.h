@@ -25,8 +25,9 @@ struct Estimate {
   std::vector<EstimateLine> lines;  // params, grads, optimizer, activations..., slack
   uint64_t tensor_peak_bytes = 0;   // sum of lines: the counting allocator's peak
   std::string peak_phase;           // forward | backward | optimizer: where that peak is
+  uint64_t reserve_bytes = 0;       // reserved above allocated at the peak, and heap kept
   uint64_t baseline_bytes = 0;      // process memory outside tensors
-  uint64_t peak_bytes = 0;          // the budget figure: tensor peak + baseline
+  uint64_t peak_bytes = 0;          // the budget figure: tensor peak + reserve + baseline
   // False for an opaque model: its activations are not counted above (the figures are a floor)
   // and come from the probes.
   bool activations_known = true;

@@ -105,6 +105,10 @@ class MemoryMeter {
 
   // Releases cached blocks of the accelerator and of the CPU allocator, and trims the C heap.
   void release_cache() const;
+  // CPU: when RSS holds more than `slack_bytes` beyond the baseline and the allocator's reserved
+  // bytes (free heap the C library kept: fragmentation of the loader thread's arena, freed
+  // small blocks), hands it back with malloc_trim. Returns the bytes RSS fell by (0: no trim).
+  uint64_t trim_heap_above(uint64_t slack_bytes) const;
 
  private:
   torch::Device device_;

@@ -67,6 +67,7 @@ class MemoryMonitor : public TrainObserver {
   AllocatorEvents allocator_events() const;
 
  private:
+  uint64_t heap_trims_ = 0, heap_trimmed_bytes_ = 0;  // trim_heap_above's work in this run
   void check_thresholds(const MemorySample& s, uint64_t budget_figure);
   MemoryMeter& meter_;
   MemoryMonitorOptions opt_;

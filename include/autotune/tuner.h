@@ -135,9 +135,9 @@ TunerResult tune(Workload& workload, const TunerRequest& request, MemoryMeter& m
 // kernels keep state that is not tensors (oneDNN primitives, JIT kernels and their scratch, per
 // matmul shape) for the life of the process, so a plan probed before the bf16 trials stood on
 // less memory than the run will. The caller measures the baseline again and applies the caps it
-// gives (reapply_caps), then this verifies the chosen plan, else the next fastest trial that
-// fitted; trial reasons are updated. nullopt when none fits this process any more (the trials
-// are then left as they were: a fresh process is the remedy).
+// gives (reapply_caps), then this verifies the chosen plan, else (with `fall_back`) the next
+// fastest trial that fitted; trial reasons are updated. nullopt when none fits this process any
+// more (the trials are then left as they were: a fresh process is the remedy).
 struct Verified {
   Plan plan;
   uint64_t peak_bytes = 0;
@@ -146,7 +146,7 @@ struct Verified {
 std::optional<Verified> verify_after_search(Workload& workload, const TunerResult& result,
                                             const ProbeOptions& probe, MemoryMeter& meter,
                                             const std::function<void()>& reapply_caps,
-                                            std::vector<Trial>* trials);
+                                            std::vector<Trial>* trials, bool fall_back = true);
 
 // Divisors of n in increasing order (micro-batches that keep the effective batch exact).
 std::vector<int64_t> divisors(int64_t n);
