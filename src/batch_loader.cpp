@@ -26,13 +26,14 @@ BatchLoader::~BatchLoader() {
   if (thread_.joinable()) thread_.join();
 }
 
-std::vector<BatchKey> BatchLoader::predict(const BatchKey& key, int64_t global, int64_t n) {
+std::vector<BatchKey> BatchLoader::predict(const BatchKey& key, int64_t global, int64_t n,
+                                           int64_t origin) {
   std::vector<BatchKey> out;
   // A zero-sample request would predict itself forever: nothing to prefetch.
   if (n <= 0 || key.count <= 0) return out;
   out.reserve(static_cast<size_t>(n));
   // A request that does not fit the learned global batch means the pattern changed.
-  if (global > 0 && key.first + key.count > global) global = 0;
+  if (global > 0 && (key.first + key.count > global || key.first < origin)) global = 0;
   int64_t step = key.step;
   int64_t pos = key.first + key.count;
   if (global == 0) {
@@ -40,7 +41,7 @@ std::vector<BatchKey> BatchLoader::predict(const BatchKey& key, int64_t global, 
     // (with grad accumulation most requests are continuations).
     out.push_back({step, pos, key.count, key.seq_len});
     ++step;
-    pos = 0;
+    pos = origin;
     while (static_cast<int64_t>(out.size()) < n) {
       out.push_back({step, pos, key.count, key.seq_len});
       pos += key.count;
@@ -50,7 +51,7 @@ std::vector<BatchKey> BatchLoader::predict(const BatchKey& key, int64_t global, 
   while (static_cast<int64_t>(out.size()) < n) {
     if (pos >= global) {
       ++step;
-      pos = 0;
+      pos = origin;
     }
     const int64_t count = std::min(key.count, global - pos);
     out.push_back({step, pos, count, key.seq_len});
@@ -61,11 +62,13 @@ std::vector<BatchKey> BatchLoader::predict(const BatchKey& key, int64_t global, 
 
 void BatchLoader::learn_locked(const BatchKey& key) {
   // The trainer moves to step s+1 only after the last micro-batch of step s, so that one ends
-  // where the global batch ends. A restart at step 0 (a new trial) or an OOM re-run of the same
-  // step teaches nothing.
-  if (last_ && key.first == 0 && key.step == last_->step + 1) {
+  // where this process's share of the global batch ends, and the first of s+1 is where it starts
+  // (0 in one process, rank x share in data parallel). A restart at step 0 (a new trial) or an
+  // OOM re-run of the same step teaches nothing.
+  if (last_ && key.step == last_->step + 1 && key.first <= last_->first) {
+    origin_ = key.first;
     global_ = last_->first + last_->count;
-  } else if (global_ > 0 && key.first + key.count > global_) {
+  } else if (global_ > 0 && (key.first + key.count > global_ || key.first < origin_)) {
     global_ = 0;
   }
   last_ = key;
@@ -78,7 +81,7 @@ BatchLoader::Slot* BatchLoader::find_id_locked(uint64_t id) {
 }
 
 void BatchLoader::replan_locked(const BatchKey& key) {
-  const std::vector<BatchKey> want = predict(key, global_, max_batches_);
+  const std::vector<BatchKey> want = predict(key, global_, max_batches_, origin_);
   std::vector<Slot> next;
   next.reserve(want.size());
   for (const BatchKey& k : want) {

@@ -10,6 +10,7 @@
 #include <cxxopts.hpp>
 
 #include "autotune/commands.h"
+#include "autotune/distributed.h"
 #include "autotune/errors.h"
 #include "autotune/report.h"
 #include "autotune/reporter.h"
@@ -70,7 +71,12 @@ void add_common(cxxopts::Options& o) {
       text())("reprobe", "probe even if a profile matches")(
       "require-profile-save", "fail when the profile cannot be saved")(
       "json", "print one JSON summary on stdout (logs stay on stderr)")(
-      "quiet", "warnings, errors and the final summary only")(
+      "nproc",
+      "data-parallel ranks to start on this host (the budget is per rank; torchrun or a "
+      "cluster launcher sets WORLD_SIZE instead); default 1",
+      text())("dist-timeout",
+              "seconds a collective waits for the other ranks before the run stops; default 60",
+              text())("quiet", "warnings, errors and the final summary only")(
       "verbose", "also debug lines, and the memory line at every log line")("h,help", "show help");
   o.add_options("plan")("micro-batch", "sequences per forward/backward; default 8 (train)", text())(
       "grad-accum", "micro-batches per optimizer step; default global / micro-batch", text())(
@@ -199,6 +205,8 @@ RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r) {
   s.reprobe = r.count("reprobe") > 0;
   s.require_profile_save = r.count("require-profile-save") > 0;
   s.json = r.count("json") > 0;
+  take(r, "nproc", s.nproc);
+  take(r, "dist-timeout", s.dist_timeout_s);
   take(r, "micro-batch", s.micro_batch);
   take(r, "grad-accum", s.grad_accum);
   take(r, "seq-len", s.seq_len);
@@ -245,6 +253,10 @@ RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r) {
   if (s.seq_len) positive("seq-len", *s.seq_len);
   if (s.d_model) positive("d-model", *s.d_model);
   if (s.eval_batch) positive("eval-batch", *s.eval_batch);
+  positive("nproc", s.nproc);
+  positive("dist-timeout", s.dist_timeout_s);
+  if (s.nproc > 1 && command != "run" && command != "probe")
+    throw UsageError("--nproc works with autotune run and probe; drop it from " + command);
   if (s.eval_every < 0 || s.checkpoint_every < 0 || s.eval_sequences < 0)
     throw UsageError("--eval-every, --checkpoint-every and --eval-sequences must be >= 0");
   if (!(s.lr > 0 && s.lr < 10)) throw UsageError("--lr must be in (0, 10)");
@@ -331,6 +343,29 @@ int dispatch(int argc, char** argv) {
   if (spec.json) live_line::set_enabled(false);  // plain lines beside a machine-read stdout
   if (spec.quiet) spdlog::set_level(spdlog::level::warn);
   if (spec.verbose) spdlog::set_level(spdlog::level::debug);
+  if (spec.nproc > 1) {
+    if (std::getenv("WORLD_SIZE"))
+      throw UsageError("--nproc " + std::to_string(spec.nproc) +
+                       " inside a launcher that set WORLD_SIZE: give one of them");
+    // Checked once here, not once per rank.
+    if (spec.global_batch && *spec.global_batch % spec.nproc != 0)
+      throw UsageError("--global-batch " + std::to_string(*spec.global_batch) +
+                       " does not split over " + std::to_string(spec.nproc) +
+                       " ranks; give a multiple of " + std::to_string(spec.nproc));
+    // The ranks run this command again without --nproc (a launcher's environment instead).
+    std::vector<std::string> rank_argv;
+    for (int i = 0; i < argc; ++i) {
+      const std::string a = argv[i];
+      if (a == "--nproc") {
+        ++i;
+        continue;
+      }
+      if (a.rfind("--nproc=", 0) == 0) continue;
+      rank_argv.push_back(a);
+    }
+    return launch_local_ranks(static_cast<int>(spec.nproc), rank_argv,
+                              std::chrono::seconds(spec.dist_timeout_s));
+  }
   if (command == "train") return train_command(spec);
   if (command == "estimate") return estimate_command(spec);
   return tune_command(spec);  // run | probe

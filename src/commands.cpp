@@ -62,6 +62,12 @@ Plan plan_from_profile(RunSpec& spec, std::string* source, nlohmann::json* workl
     throw UsageError("--profile " + spec.profile_file +
                      ": no such file (`autotune profiles list` shows the stored ones)");
   const auto profile = ProfileStore(spec.profile_dir).load(spec.profile_file);
+  if (profile->fingerprint.world_size > 1)
+    throw UsageError("--profile " + spec.profile_file + " holds a plan per rank of " +
+                     std::to_string(profile->fingerprint.world_size) +
+                     " ranks; train it with autotune run --nproc " +
+                     std::to_string(profile->fingerprint.world_size) + " --profile " +
+                     spec.profile_file);
   *workload = profile->fingerprint.workload;
   const nlohmann::json& model = profile->fingerprint.workload.at("model");
   if (!spec.model_given)

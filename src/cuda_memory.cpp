@@ -1,10 +1,13 @@
-// The CUDA-only part of memory.h, compiled only against a CUDA LibTorch (AUTOTUNE_WITH_CUDA):
-// enforcing a budget through the caching allocator's per-process memory fraction, and the device
-// name. Only c10/cuda and the CUDA runtime API are used, so no cuBLAS/cuDNN headers are needed.
+// The CUDA-only lines, compiled only against a CUDA LibTorch (AUTOTUNE_WITH_CUDA): enforcing a
+// budget through the caching allocator's per-process memory fraction, the device name, and the
+// NCCL process group of data-parallel ranks on CUDA (distributed.h). c10/cuda, the CUDA runtime
+// API and c10d's NCCL backend (NCCL's header from the CUDA wheel's nvidia-nccl package).
+#define USE_C10D_NCCL 1
 #include <ATen/DeviceAccelerator.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <cuda_runtime_api.h>
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 
 #include <algorithm>
 
@@ -55,6 +58,14 @@ bool cuda_bf16_fast(c10::DeviceIndex index) {
     return false;
   }
   return prop.major >= 8;
+}
+
+c10::intrusive_ptr<c10d::Backend> make_nccl_backend(const c10::intrusive_ptr<c10d::Store>& store,
+                                                    int rank, int size,
+                                                    std::chrono::milliseconds timeout) {
+  auto opts = c10d::ProcessGroupNCCL::Options::create();
+  opts->timeout = timeout;
+  return c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, size, opts);
 }
 }  // namespace detail
 

@@ -30,17 +30,20 @@ std::string now_iso8601() {
 }
 
 nlohmann::json Fingerprint::to_json() const {
-  return {{"workload", workload},
-          {"model_name", model_name},
-          {"device_kind", device_kind},
-          {"device_name", device_name},
-          {"device_total_bytes", device_total_bytes},
-          {"libtorch_version", libtorch_version},
-          {"tool_version", tool_version},
-          {"budget_bytes", budget_bytes},
-          {"margin_bytes", margin_bytes},
-          {"global_batch", global_batch},
-          {"pins", pins}};
+  nlohmann::json j = {{"workload", workload},
+                      {"model_name", model_name},
+                      {"device_kind", device_kind},
+                      {"device_name", device_name},
+                      {"device_total_bytes", device_total_bytes},
+                      {"libtorch_version", libtorch_version},
+                      {"tool_version", tool_version},
+                      {"budget_bytes", budget_bytes},
+                      {"margin_bytes", margin_bytes},
+                      {"global_batch", global_batch},
+                      {"pins", pins}};
+  // Only beside one rank: profiles (and their hashes) of one process stay as they were.
+  if (world_size != 1) j["world_size"] = world_size;
+  return j;
 }
 
 Fingerprint Fingerprint::from_json(const nlohmann::json& j) {
@@ -56,6 +59,7 @@ Fingerprint Fingerprint::from_json(const nlohmann::json& j) {
   f.margin_bytes = j.at("margin_bytes").get<uint64_t>();
   f.global_batch = j.at("global_batch").get<int64_t>();
   f.pins = j.at("pins");
+  f.world_size = j.value("world_size", 1);
   return f;
 }
 
@@ -132,8 +136,10 @@ Profile Profile::from_json(const nlohmann::json& j) {
     throw UsageError(std::string("field '") + field + "' is missing or has the wrong type (" +
                      e.what() + ")");
   }
-  if (p.plan.global_batch() != p.fingerprint.global_batch)
-    throw UsageError("plan micro_batch x grad_accum does not equal the fingerprint's global batch");
+  if (p.plan.global_batch() * p.fingerprint.world_size != p.fingerprint.global_batch)
+    throw UsageError(
+        "plan micro_batch x grad_accum x world_size does not equal the fingerprint's global "
+        "batch");
   return p;
 }
 

@@ -39,6 +39,7 @@ Fingerprint make_fingerprint(RunContext& ctx, int64_t global_batch) {
   fp.budget_bytes = *ctx.budget_bytes();
   fp.margin_bytes = ctx.margin_bytes();
   fp.global_batch = global_batch;
+  fp.world_size = ctx.world_size();
   nlohmann::json pins = nlohmann::json::object();
   if (s.micro_batch) pins["micro_batch"] = *s.micro_batch;
   if (s.precision) pins["precision"] = to_string(*s.precision);
@@ -85,11 +86,17 @@ bool save_profile(const ProfileStore& store, const Profile& p, const std::string
   }
 }
 
+// The effective batch of every rank together; the plan's micro_batch x grad_accum is one rank's
+// share of it.
 int64_t checked_global_batch(const RunContext& ctx) {
   const RunSpec& spec = ctx.spec();
   const int64_t global_batch =
       resolve_global_batch(spec, spec.seq_len.value_or(ctx.workload().default_seq_len()));
-  if (spec.micro_batch && global_batch % *spec.micro_batch != 0)
+  const int world = ctx.world_size();
+  if (global_batch % world != 0)
+    throw UsageError("--global-batch " + std::to_string(global_batch) + " does not split over " +
+                     std::to_string(world) + " ranks; give a multiple of " + std::to_string(world));
+  if (spec.micro_batch && (global_batch / world) % *spec.micro_batch != 0)
     throw UsageError("--global-batch " + std::to_string(global_batch) +
                      " is not reachable with --micro-batch " + std::to_string(*spec.micro_batch) +
                      ": the micro-batch must divide the global batch; pick a divisor");
@@ -126,7 +133,7 @@ std::optional<Profile> reusable_profile(RunContext& ctx, const ProfileStore& sto
         spdlog::warn("profile {} has a different fingerprint; re-probing", path);
         return std::nullopt;
       }
-      if (profile->plan.global_batch() != fp.global_batch)
+      if (profile->plan.global_batch() * fp.world_size != fp.global_batch)
         throw UsageError("--profile " + path + " is for global batch " +
                          std::to_string(profile->plan.global_batch()) + ", not " +
                          std::to_string(fp.global_batch) + "; use --global-batch " +
@@ -214,7 +221,7 @@ Probed probe_and_choose(RunContext& ctx, const ProfileStore& store, const std::s
                         const Fingerprint& fp, const ProbeOptions& probe) {
   const RunSpec& spec = ctx.spec();
   TunerRequest req;
-  req.global_batch = fp.global_batch;
+  req.global_batch = fp.global_batch / fp.world_size;  // one rank's share
   req.budget_bytes = *ctx.budget_bytes();
   req.usable_bytes = *ctx.usable_bytes();
   req.search = spec.search;
@@ -256,7 +263,8 @@ Probed probe_and_choose(RunContext& ctx, const ProfileStore& store, const std::s
   // The chosen plan fits a fresh process when it no longer fits this one (its trial measured
   // it): a restart costs seconds, a slower plan costs the whole run. Only a fresh process that
   // had to probe again falls back to the next fastest plan.
-  const bool fall_back = std::getenv("AUTOTUNE_FRESH_PROCESS") != nullptr;
+  // Ranks cannot restart one process alone: they fall back at once.
+  const bool fall_back = std::getenv("AUTOTUNE_FRESH_PROCESS") != nullptr || ctx.world_size() > 1;
   const std::optional<Verified> verified = verify_after_search(
       ctx.workload(), r, probe, ctx.meter(), [&] { ctx.enforce_budget(); }, &p.trials, fall_back);
   p.plan = verified ? verified->plan : *r.plan;
@@ -344,6 +352,57 @@ void print_what_next(const RunContext& ctx, const Profile& profile, const std::s
   print_table("what next", rows, /*always=*/true);
 }
 
+// Data parallel: rank 0's profile (reused or probed) on every rank, verified there over 2 steps
+// under that rank's own budget; a plan that does not fit some rank stops all of them.
+Profile share_profile(RunContext& ctx, std::optional<Profile> profile, const ProbeOptions& probe,
+                      uint64_t* verified_peak) {
+  Communicator& comm = *ctx.comm();
+  // A probe can take far longer than a collective's timeout; a rank 0 that dies meanwhile
+  // closes the store, which ends the wait at once.
+  const std::string text =
+      comm.share_text("profile", ctx.rank() == 0 ? profile->to_json().dump() : std::string(), 0,
+                      std::chrono::hours(24));
+  Profile p = ctx.rank() == 0 ? *profile : Profile::from_json(nlohmann::json::parse(text));
+  // Two steps on all ranks together: the all-reduce's buffers are part of every rank's peak.
+  ProbeOptions verify = probe;
+  verify.measured_steps = 1;
+  verify.comm = &comm;
+  verify.min_measure_s = 0;  // no re-timing: its step count would differ between ranks
+  const Trial t = run_trial(ctx.workload(), p.plan, verify, ctx.meter());
+  *verified_peak = t.peak_bytes;
+  const bool fits = t.fits;
+  if (!fits)
+    spdlog::error("rank {}: plan {} from rank 0 does not fit here ({}: peak {})", ctx.rank(),
+                  p.plan.describe(), t.reason, format_bytes(t.peak_bytes));
+  else
+    spdlog::info(
+        "plan {} verified on every rank over 2 steps with the gradient all-reduce "
+        "(rank 0: peak {})",
+        p.plan.describe(), format_bytes(t.peak_bytes));
+  if (comm.any(!fits))
+    throw RuntimeError("the plan " + p.plan.describe() +
+                       " does not fit on every rank (see the rank's line); give a larger "
+                       "--budget, or --reprobe on the smallest device");
+  return p;
+}
+
+// Rank 0's --json summary gathers every rank's figures.
+nlohmann::json rank_figures(RunContext& ctx, const RunSummary& s, uint64_t verified_peak) {
+  nlohmann::json mine = {{"rank", ctx.rank()},
+                         {"peak_budget_bytes", ctx.monitor()->peak_budget_bytes()},
+                         {"verified_peak_bytes", verified_peak},
+                         {"tokens_per_s", s.tokens_per_s},
+                         {"plan", s.plan},
+                         {"params_digest", s.params_digest},
+                         {"allreduce_s", s.allreduce_s},
+                         {"allreduce_calls", s.allreduce_calls},
+                         {"oom_recoveries", s.recoveries.size()}};
+  nlohmann::json all = nlohmann::json::array();
+  for (const auto& t : ctx.comm()->gather_text("summary", mine.dump(), 0, std::chrono::minutes(10)))
+    all.push_back(nlohmann::json::parse(t));
+  return all;
+}
+
 }  // namespace
 
 int tune_command(const RunSpec& spec_in) {
@@ -362,20 +421,23 @@ int tune_command(const RunSpec& spec_in) {
   probe.seed = spec.seed;
   probe.device = ctx.device();
 
-  // ---- a profile that still fits, or a probe ----
+  // ---- a profile that still fits, or a probe (on rank 0; the other ranks verify its plan) ----
+  const bool rank0 = ctx.rank() == 0;
   uint64_t verified_peak = 0;
-  std::optional<Profile> profile = reusable_profile(ctx, store, path, fp, probe, &verified_peak);
+  std::optional<Profile> profile;
+  if (rank0) profile = reusable_profile(ctx, store, path, fp, probe, &verified_peak);
   // A fresh process started by train_in_a_fresh_process reuses the profile its parent has just
   // probed: it reports that probe's trials.
   const bool reused = profile.has_value() && !std::getenv("AUTOTUNE_FRESH_PROCESS");
   nlohmann::json precision_speed = nlohmann::json::object();
-  if (!profile) {
+  if (rank0 && !profile) {
     Probed probed = probe_and_choose(ctx, store, path, fp, probe);
     profile = std::move(probed.profile);
     precision_speed = std::move(probed.precision_speed);
     verified_peak = probed.verified_peak_bytes;
     if (probed.needs_fresh_process && spec.command != "probe") train_in_a_fresh_process(ctx, path);
   }
+  if (ctx.comm()) profile = share_profile(ctx, std::move(profile), probe, &verified_peak);
   const nlohmann::json trials = reused ? nlohmann::json::array() : nlohmann::json(profile->trials);
   nlohmann::json j = {{"plan", profile->plan},
                       {"budget_bytes", *ctx.budget_bytes()},
@@ -387,8 +449,8 @@ int tune_command(const RunSpec& spec_in) {
                       {"precision_speed", precision_speed},
                       {"task_changed", profile->task_changed}};
   if (spec.command == "probe") {
-    print_what_next(ctx, *profile, path, std::nullopt, reused);
-    if (spec.json) std::cout << j.dump(2) << std::endl;
+    if (rank0) print_what_next(ctx, *profile, path, std::nullopt, reused);
+    if (spec.json && rank0) std::cout << j.dump(2) << std::endl;
     return kExitOk;
   }
 
@@ -401,13 +463,19 @@ int tune_command(const RunSpec& spec_in) {
   if (peak > *ctx.budget_bytes())
     spdlog::warn("full run peak {} is ABOVE THE BUDGET {}", format_bytes(peak),
                  format_bytes(*ctx.budget_bytes()));
-  record_full_run(ctx, store, path, *profile, summary);
-  print_what_next(ctx, *profile, path, peak, reused);
-  if (spec.json) {
+  const nlohmann::json ranks =
+      ctx.comm() ? rank_figures(ctx, summary, verified_peak) : nlohmann::json::array();
+  if (rank0) {
+    record_full_run(ctx, store, path, *profile, summary);
+    print_what_next(ctx, *profile, path, peak, reused);
+  }
+  if (spec.json && rank0) {
     nlohmann::json out = ctx.summary_json(summary);
     for (auto it = j.begin(); it != j.end(); ++it)
       if (it.key() != "plan" && it.key() != "budget_bytes") out[it.key()] = it.value();
     out["within_budget"] = peak <= *ctx.budget_bytes();
+    out["params_digest"] = summary.params_digest;
+    if (ctx.comm()) out["ranks"] = ranks;
     std::cout << out.dump(2) << std::endl;
   }
   return ctx.exit_code(summary);

@@ -51,6 +51,18 @@ const std::atomic<int>& RunContext::stop_signal() {
 }
 
 RunContext::RunContext(const RunSpec& spec) : spec_(spec), device_(resolve_device(spec.device)) {
+  if (const WorldInfo world = world_from_env(); world.size > 1) {
+    if (spec_.command != "run" && spec_.command != "probe")
+      throw UsageError("autotune " + spec_.command + " runs as one process; launch autotune run " +
+                       "or probe as ranks (WORLD_SIZE is " + std::to_string(world.size) + ")");
+    // Rank r's lines carry its number; ranks other than 0 say only warnings and errors.
+    spdlog::set_pattern("%^[%H:%M:%S %L rank " + std::to_string(world.rank) + "]%$ %v");
+    if (world.rank > 0 && !spec_.verbose) spdlog::set_level(spdlog::level::warn);
+    if (!device_.is_cpu() && !device_.has_index())
+      device_ = torch::Device(device_.type(), static_cast<c10::DeviceIndex>(world.local_rank));
+    comm_ =
+        std::make_unique<Communicator>(world, std::chrono::seconds(spec_.dist_timeout_s), device_);
+  }
   if (!spec_.preset.empty()) {
     Preset preset = load_preset(spec_.preset);
     apply_preset(preset, spec_, spec_.margin_given, spec_.mode_given);
@@ -214,6 +226,7 @@ TrainOptions RunContext::train_options() const {
   o.low_precision = low_precision_;
   o.stop_signal = &g_stop_signal;
   o.release_between_phases = policy_.release_between_phases;
+  o.comm = comm_.get();
   return o;
 }
 
@@ -232,12 +245,16 @@ void RunContext::print_settings(const Plan& plan, const std::string& plan_source
       {"plan source", plan_source},
       {"micro_batch", std::to_string(plan.micro_batch)},
       {"grad_accum", std::to_string(plan.grad_accum)},
-      {"global batch",
-       std::to_string(plan.global_batch()) + " sequences" +
-           (w.tokens_per_sequence(plan) > 1
-                ? " = " + std::to_string(plan.global_batch() * w.tokens_per_sequence(plan)) + " " +
-                      w.throughput_unit()
-                : "")},
+      {"global batch", std::to_string(world_size() * plan.global_batch()) + " sequences" +
+                           (world_size() > 1 ? " (micro_batch x grad_accum x " +
+                                                   std::to_string(world_size()) + " ranks)"
+                                             : "") +
+                           (w.tokens_per_sequence(plan) > 1
+                                ? " = " +
+                                      std::to_string(world_size() * plan.global_batch() *
+                                                     w.tokens_per_sequence(plan)) +
+                                      " " + w.throughput_unit()
+                                : "")},
       {"seq_len", T ? std::to_string(T) +
                           (plan.seq_len && plan.seq_len != w.default_seq_len()
                                ? " (the model's is " + std::to_string(w.default_seq_len()) + ")"
@@ -263,6 +280,10 @@ void RunContext::print_settings(const Plan& plan, const std::string& plan_source
                           : "the budget (CPU)"},
       {"process baseline", format_bytes(meter_->baseline_bytes())},
   };
+  if (comm_)
+    rows.push_back({"ranks", std::to_string(comm_->size()) +
+                                 " (c10d Gloo; the budget is per rank; rank " +
+                                 std::to_string(comm_->rank()) + " here)"});
   if (!spec_.run_dir.empty()) rows.push_back({"run dir", spec_.run_dir});
   print_table("settings", rows);
 }
@@ -272,7 +293,11 @@ RunSummary RunContext::train(const Plan& plan) {
   MemoryMonitorOptions mo;
   mo.budget_bytes = budget_bytes_;
   mo.every_steps = policy_.monitor_every_steps;
-  if (!spec_.run_dir.empty()) mo.timeline_path = spec_.run_dir + "/memory.jsonl";
+  // One memory timeline per rank (each has its own budget); the step log is rank 0's.
+  if (!spec_.run_dir.empty())
+    mo.timeline_path =
+        spec_.run_dir + (rank() == 0 ? std::string("/memory.jsonl")
+                                     : "/memory.rank" + std::to_string(rank()) + ".jsonl");
   auto data_report = [this] { return workload_->data_report(); };
   mo.data_report = data_report;
   monitor_ = std::make_unique<MemoryMonitor>(*meter_, mo);
@@ -284,14 +309,19 @@ RunSummary RunContext::train(const Plan& plan) {
   co.memory_now = [this] { return meter_->budget_figure_now(meter_->sample()); };
   co.data_report = data_report;
   ConsoleReporter console(co);
-  std::vector<TrainObserver*> observers = {monitor_.get(), &console};
+  // Ranks train in lockstep: rank 0 speaks for all of them.
+  std::vector<TrainObserver*> observers = {monitor_.get()};
+  if (rank() == 0) observers.push_back(&console);
   std::unique_ptr<StepLog> step_log;
-  if (!spec_.run_dir.empty()) {
+  if (!spec_.run_dir.empty() && rank() == 0) {
     step_log = std::make_unique<StepLog>(spec_.run_dir + "/steps.jsonl", spec_.log_every);
     observers.push_back(step_log.get());
   }
   std::unique_ptr<OomInjector> injector;
-  if (const char* inject = std::getenv("AUTOTUNE_INJECT_OOM"); inject && *inject) {
+  // AUTOTUNE_INJECT_OOM_RANK=r: only rank r (data parallel) meets the injected OOMs.
+  const char* inject_rank = std::getenv("AUTOTUNE_INJECT_OOM_RANK");
+  if (const char* inject = std::getenv("AUTOTUNE_INJECT_OOM");
+      inject && *inject && (!inject_rank || std::to_string(rank()) == inject_rank)) {
     injector = std::make_unique<OomInjector>(inject);
     observers.push_back(injector.get());
   }
@@ -332,7 +362,12 @@ nlohmann::json RunContext::summary_json(const RunSummary& s) const {
       {"reused_profile", false},
       {"oom_recoveries", s.recoveries.size()},
       {"recoveries", recoveries},
-      {"checkpoint", s.last_checkpoint}};
+      {"checkpoint", s.last_checkpoint},
+      {"world_size", world_size()},
+      {"rank", rank()},
+      {"effective_batch", world_size() * s.plan.global_batch()},
+      {"allreduce_s", s.allreduce_s},
+      {"allreduce_calls", s.allreduce_calls}};
 }
 
 int RunContext::exit_code(const RunSummary& s) const {

@@ -1,5 +1,7 @@
 #include "autotune/trainer.h"
 
+#include <csignal>
+
 #include <ATen/DeviceAccelerator.h>
 
 #include <malloc.h>
@@ -10,6 +12,7 @@
 
 #include "autotune/checkpoint.h"
 #include "autotune/cpu_allocator.h"
+#include "autotune/distributed.h"
 #include "autotune/errors.h"
 #include "autotune/optimizer.h"
 #include "autotune/precision.h"
@@ -67,6 +70,26 @@ void release_cached_memory(torch::Device device) {
   if (device.type() != c10::DeviceType::CPU) at::accelerator::emptyCache();
   cpu_alloc::release_cache();
   malloc_trim(0);
+}
+
+// Another rank ran out of memory in this step: this one recovers with it.
+struct PeerOutOfMemory : std::runtime_error {
+  PeerOutOfMemory() : std::runtime_error("another rank ran out of memory in this step") {}
+};
+
+std::string digest(const std::vector<torch::Tensor>& params) {
+  uint64_t h = 0xcbf29ce484222325ULL;  // FNV-1a 64
+  for (const auto& p : params) {
+    const torch::Tensor c = p.detach().to(torch::kCPU).contiguous();
+    const auto* b = static_cast<const unsigned char*>(c.data_ptr());
+    for (size_t i = 0; i < c.nbytes(); ++i) {
+      h ^= b[i];
+      h *= 0x100000001b3ULL;
+    }
+  }
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
+  return buf;
 }
 
 void synchronize(torch::Device device) {
@@ -134,11 +157,17 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
   } else {
     torch::manual_seed(opt.seed);  // dropout masks are reproducible from the seed
   }
+  Communicator* comm = opt.comm;
+  const int world = comm ? comm->size() : 1, rank = comm ? comm->rank() : 0;
+  if (comm) comm->broadcast(params);  // every rank starts from rank 0's parameters
+  const double allreduce_s0 = comm ? comm->allreduce_seconds() : 0;
+  const int64_t allreduce_calls0 = comm ? comm->allreduce_calls() : 0;
   summary.first_step = step;
   notify([&](TrainObserver& o) { o.on_start(plan, opt, step); });
 
-  auto checkpoint = [&]() {
-    if (opt.run_dir.empty()) return;
+  // Rank 0 writes the checkpoints (rank 1 when rank 0 was lost).
+  auto checkpoint = [&](int writer = 0) {
+    if (opt.run_dir.empty() || rank != writer) return;
     CheckpointMeta meta{step, plan, opt.seed, workload.config(), opt.device};
     summary.last_checkpoint =
         save_checkpoint(opt.run_dir, meta, *model, optimizer, scaler.state(), opt.keep_checkpoints);
@@ -181,24 +210,39 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
   // Nothing in a step reads a value back to the host (the loss and the gradient norm stay on the
   // device until an observer prints them), so an accelerator never waits for the host.
   double train_seconds = 0;
-  const int64_t tokens_per_step = plan.global_batch() * workload.tokens_per_sequence(plan);
-  // Micro-batch m of a step holds samples [m*mb, (m+1)*mb) of its global batch. The next one is
-  // fetched before the current one's backward, so its host-to-device copy is queued behind
-  // compute instead of in front of it.
+  const int64_t tokens_per_step = world * plan.global_batch() * workload.tokens_per_sequence(plan);
+  // Micro-batch m of a step holds samples [m*mb, (m+1)*mb) of this rank's share of the global
+  // batch, which starts at rank * mb * grad_accum: the samples of a step are the same whatever
+  // the world size. The next one is fetched before the current one's backward, so its
+  // host-to-device copy is queued behind compute instead of in front of it.
   auto fetch = [&](int64_t s, int64_t m) {
-    return workload.train_batch(s, m * plan.micro_batch, plan.micro_batch, plan, opt.device);
+    return workload.train_batch(s, rank * plan.global_batch() + m * plan.micro_batch,
+                                plan.micro_batch, plan, opt.device);
   };
   std::optional<Batch> ahead;  // the next micro-batch, fetched early
   torch::Tensor last_loss;
+  // A lost rank stops the run; the parameters and optimizer state are still those of the last
+  // completed step, so the surviving writer saves them first.
+  auto save_after_lost = [&](const LostRank& lost) {
+    if (step > summary.first_step) checkpoint(lost.rank0_lost ? 1 : 0);
+  };
   while (step < opt.steps) {
-    if (opt.stop_signal && opt.stop_signal->load()) {
-      summary.stop_signal = opt.stop_signal->load();
+    int stop = opt.stop_signal ? opt.stop_signal->load() : 0;
+    try {
+      if (comm && comm->any(stop != 0) && !stop) stop = SIGTERM;  // a signal to one stops all
+    } catch (const LostRank& lost) {
+      save_after_lost(lost);
+      throw;
+    }
+    if (stop) {
+      summary.stop_signal = stop;
       break;
     }
     const double lr = learning_rate(opt, step);
     for (auto& group : optimizer.param_groups()) group.options().set_lr(lr);
     auto t0 = std::chrono::steady_clock::now();
     Phase phase = Phase::forward;
+    bool agreed = false;  // data parallel: the ranks agreed this step has no OOM
     try {
       optimizer.zero_grad(/*set_to_none=*/true);
       torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions(opt.device));  // [] fp32
@@ -235,6 +279,14 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
       phase = Phase::optimizer;
       notify([&](TrainObserver& o) { o.on_phase_begin(phase); });
       optimizer.create_states();
+      if (comm) {
+        // Before any rank changes its parameters, all agree that every forward and backward
+        // ran: an OOM on one rank is recovered on all, with the same plan, so none diverges.
+        if (comm->any(false)) throw PeerOutOfMemory();
+        agreed = true;
+        comm->average_gradients(params);
+        loss_sum = comm->average(loss_sum);
+      }
       // fp16 only: whether any gradient overflowed is read back (one sync per step, as
       // torch.amp.GradScaler does); bf16 and fp32 never skip a step.
       const bool finite = scaler.unscale_and_check(params);
@@ -262,7 +314,20 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
                   !finite,
                   plan};
       notify([&](TrainObserver& o) { o.on_step(s); });
-    } catch (const c10::OutOfMemoryError& e) {
+    } catch (const std::exception& e) {
+      if (const auto* lost = dynamic_cast<const LostRank*>(&e)) {
+        save_after_lost(*lost);
+        throw;
+      }
+      const auto* oom = dynamic_cast<const c10::OutOfMemoryError*>(&e);
+      const bool peer = dynamic_cast<const PeerOutOfMemory*>(&e) != nullptr;
+      if (!oom && !peer) throw;
+      if (comm && agreed)
+        throw RuntimeError("rank " + std::to_string(rank) + " ran out of memory at step " +
+                           std::to_string(step + 1) +
+                           " after the ranks agreed on it (gradient all-reduce or optimizer); "
+                           "give a larger --budget");
+      if (oom && comm) comm->any(true);  // the other ranks wait for this in their agreement
       // Drop the partial gradients, release memory, step down the ladder and re-run this same
       // step on the same samples: no step and no sample is lost.
       ahead.reset();
@@ -276,7 +341,7 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
                            to_string(phase) + ") with plan " + plan.describe() +
                            " and nothing left to step down to; give a larger budget or a "
                            "smaller model");
-      Recovery r{step, phase, plan, next, false, e.what_without_backtrace()};
+      Recovery r{step, phase, plan, next, false, oom ? oom->what_without_backtrace() : e.what()};
       plan = next;
       model->set_checkpointing(plan.checkpointing);
       if (plan.precision == Precision::fp16 && !scaler.enabled())
@@ -306,6 +371,11 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
   }
   if (step > summary.first_step || summary.stop_signal) checkpoint();
   summary.plan = plan;
+  summary.params_digest = digest(params);
+  if (comm) {
+    summary.allreduce_s = comm->allreduce_seconds() - allreduce_s0;
+    summary.allreduce_calls = comm->allreduce_calls() - allreduce_calls0;
+  }
   summary.steps_done = step;
   summary.tokens_per_s =
       train_seconds > 0 ? static_cast<double>(summary.tokens) / train_seconds : 0;

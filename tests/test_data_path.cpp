@@ -395,6 +395,9 @@ TEST(BatchLoader, PredictsTheNextMicroBatchAndTheNextStep) {
             (V{{3, 8, 4, 64}, {4, 0, 4, 64}, {4, 4, 4, 64}}));
   EXPECT_EQ(BatchLoader::predict({3, 8, 8, 64}, 12, 1), (V{{3, 16, 8, 64}}));
   EXPECT_TRUE(BatchLoader::predict({3, 0, 0, 64}, 12, 2).empty());
+  // A rank's share [8, 16) of a global batch of 16: the next step starts at 8 again.
+  EXPECT_EQ(BatchLoader::predict({3, 12, 4, 64}, 16, 2, 8), (V{{4, 8, 4, 64}, {4, 12, 4, 64}}));
+  EXPECT_EQ(BatchLoader::predict({3, 8, 4, 64}, 0, 2, 8), (V{{3, 12, 4, 64}, {4, 8, 4, 64}}));
 }
 
 TEST(BatchLoader, HitsAndMissesFollowTheRequestPattern) {

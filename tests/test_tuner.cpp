@@ -392,8 +392,10 @@ TEST(Tuner, ALowPrecisionSlowerThanFp32IsProbedOnlyWhenNothingElseFits) {
 TEST(Tuner, ModelSearchNeedsFewerTrialsThanPower) {
   AUTOTUNE_SKIP_UNDER_ASAN();
   Fixture f;
-  // 140 MiB: power needs 5 trials (2, 4, 8, 16 fit, 32 does not); model's walk down from 16
-  // adds trials only while a smaller micro-batch is faster, so a tie would need all of 16..1.
+  // 140 MiB: power needs 5 trials (2, 4, 8, 16 fit, 32 does not) to know the largest micro-batch
+  // that fits and the smallest that does not. Model knows both after its first trials (16 fits,
+  // 32 measured as the boundary); its walk down from 16 afterwards is a speed search (smaller
+  // micro-batches can be faster, and are under a parallel ctest), counted apart.
   auto req = f.request(140 * kMiB, "model");
   req.precision = Precision::fp32;  // power and halve search micro-batch only
   TunerResult model = tune(f.gpt, req, f.meter);
@@ -404,7 +406,13 @@ TEST(Tuner, ModelSearchNeedsFewerTrialsThanPower) {
   print("power", power);
   ASSERT_TRUE(model.plan);
   ASSERT_TRUE(power.plan);
-  EXPECT_LT(model.trials.size(), power.trials.size());
+  size_t model_to_boundary = 0;  // trials until the largest fitting and the boundary were known
+  int64_t largest = 0;
+  for (const auto& t : model.trials)
+    if (t.fits) largest = std::max(largest, t.plan.micro_batch);
+  for (size_t i = 0; i < model.trials.size(); ++i)
+    if (model.trials[i].plan.micro_batch >= largest) model_to_boundary = i + 1;
+  EXPECT_LT(model_to_boundary, power.trials.size());
   // "At least as fast", without asserting on timings: model reached at least the micro-batch
   // power chose (so that plan was within its reach) and chose the fastest it measured.
   int64_t largest_fitting = 0;
@@ -429,4 +437,40 @@ TEST(Tuner, LstmIsTunedByTheSameCode) {
   ASSERT_TRUE(r.plan);
   expect_invariants(r, req);
   for (const auto& t : r.trials) EXPECT_FALSE(t.plan.checkpointing);  // not an LSTM knob
+}
+
+TEST(Tuner, TheBoundaryAboveTheChosenMicroBatchIsMeasuredNotOnlyPredicted) {
+  AUTOTUNE_SKIP_UNDER_ASAN();
+  Fixture f;
+  // Measure micro-batches 8 and 16 uncapped, then give a budget that holds 8 with 16 about 5%
+  // over it: the fitted line (one measured point, the estimator's slope) predicts 16 does not
+  // fit, and within the estimator's error band the search measures it to know.
+  auto peak_at = [&](int64_t mb) {
+    f.meter.remeasure_baseline();
+    Plan p;
+    p.micro_batch = mb;
+    p.grad_accum = 32 / mb;
+    ProbeOptions free;
+    free.usable_bytes = UINT64_MAX;
+    return run_trial(f.gpt, p, free, f.meter).peak_bytes;
+  };
+  const uint64_t p8 = peak_at(8), p16 = peak_at(16);
+  ASSERT_GT(p16, p8);
+  f.meter.remeasure_baseline();
+  const uint64_t usable = static_cast<uint64_t>(static_cast<double>(p16) / 1.05);
+  ASSERT_GT(usable, p8 + 2 * kMiB) << "16 is not 5% over 8 here; the test needs another pair";
+  auto req = f.request(usable - f.meter.baseline_bytes());
+  req.precision = Precision::fp32;
+  req.checkpointing = false;
+  TunerResult r = tune(f.gpt, req, f.meter);
+  print("boundary", r);
+  expect_invariants(r, req);
+  ASSERT_TRUE(r.plan);
+  EXPECT_LE(r.plan->micro_batch, 8);
+  bool refused_16 = false;
+  for (const auto& t : r.trials)
+    if (t.plan.micro_batch == 16) refused_16 = !t.fits;
+  EXPECT_TRUE(refused_16) << "micro-batch 16 was predicted just over the budget and not measured";
+  ASSERT_EQ(r.lines.size(), 1u);
+  EXPECT_TRUE(r.lines[0].measured);
 }

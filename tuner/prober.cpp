@@ -148,6 +148,7 @@ TrainOptions probe_train_options(const ProbeOptions& opt, int64_t measured_steps
   to.device = opt.device;
   to.recover_oom = false;
   to.synchronize_steps = true;  // plans are ranked by their steps' real time
+  to.comm = opt.comm;
   return to;
 }
 }  // namespace

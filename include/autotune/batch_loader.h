@@ -86,10 +86,11 @@ class BatchLoader {
   // The global batch learned from the requests (samples per step); 0 while unknown.
   int64_t global_batch() const;
 
-  // The `n` requests expected after `key` when the global batch is `global` (0: unknown). With an
-  // unknown global batch the next micro-batch of the same step comes first, then the start of the
-  // next step. A micro-batch never extends past the global batch.
-  static std::vector<BatchKey> predict(const BatchKey& key, int64_t global, int64_t n);
+  // The `n` requests expected after `key` when each step asks for samples [origin, global)
+  // (global 0: unknown). With an unknown global batch the next micro-batch of the same step comes
+  // first, then the start of the next step. A micro-batch never extends past the global batch.
+  static std::vector<BatchKey> predict(const BatchKey& key, int64_t global, int64_t n,
+                                       int64_t origin = 0);
 
  private:
   enum class State { pending, running, ready };
@@ -120,6 +121,7 @@ class BatchLoader {
   std::atomic<bool> cancel_{false};  // the running slot was dropped, or shutdown
   std::optional<BatchKey> last_;     // previous request, to learn the global batch
   int64_t global_ = 0;
+  int64_t origin_ = 0;  // where a step's requests start (a rank's share of the global batch)
   uint64_t hits_ = 0, misses_ = 0, late_ = 0, discarded_ = 0;
 
   std::thread thread_;  // last: started after every member above exists

@@ -27,8 +27,9 @@ struct Fingerprint {
   std::string tool_version;
   uint64_t budget_bytes = 0;
   uint64_t margin_bytes = 0;
-  int64_t global_batch = 0;
-  nlohmann::json pins;  // pinned knobs, allow-shrink, search strategy, mode
+  int64_t global_batch = 0;  // the effective batch: the plan's micro_batch x grad_accum x ranks
+  int world_size = 1;        // data-parallel ranks; the budget and the plan are per rank
+  nlohmann::json pins;       // pinned knobs, allow-shrink, search strategy, mode
   nlohmann::json to_json() const;
   static Fingerprint from_json(const nlohmann::json& j);
   std::string hash() const;  // 16 hex digits of FNV-1a over the canonical JSON

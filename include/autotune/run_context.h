@@ -9,6 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "autotune/distributed.h"
 #include "autotune/machine.h"
 #include "autotune/memory.h"
 #include "autotune/memory_monitor.h"
@@ -62,6 +63,10 @@ class RunContext {
   nlohmann::json summary_json(const RunSummary& s) const;
   int exit_code(const RunSummary& s) const;
   const MemoryMonitor* monitor() const { return monitor_.get(); }
+  // Data parallel: this rank's communicator (null in a world of one).
+  Communicator* comm() const { return comm_.get(); }
+  int world_size() const { return comm_ ? comm_->size() : 1; }
+  int rank() const { return comm_ ? comm_->rank() : 0; }
 
   static const std::atomic<int>& stop_signal();
 
@@ -77,6 +82,7 @@ class RunContext {
   ModeChoice mode_, host_mode_;
   ModePolicy policy_;
   std::unique_ptr<MemoryMonitor> monitor_;
+  std::unique_ptr<Communicator> comm_;
 };
 
 void install_signal_handlers();

@@ -63,6 +63,10 @@ struct RunSpec {
   std::string margin_text = "2%";                 // safety margin below the budget
   bool margin_given = false, mode_given = false;  // given on the command line (beat a preset)
   bool json = false;
+  // Data parallel: ranks this command starts on this host (--nproc); a launcher's WORLD_SIZE
+  // makes this process one rank instead. The budget is per rank.
+  int64_t nproc = 1;
+  int64_t dist_timeout_s = 60;  // a collective waiting longer for the other ranks fails
 };
 
 // The global batch in sequences: --global-batch, or --batch-tokens / seq_len, or

@@ -15,6 +15,8 @@
 
 namespace autotune {
 
+class Communicator;
+
 enum class Phase { forward, backward, optimizer, eval };
 const char* to_string(Phase p);
 
@@ -49,6 +51,10 @@ struct TrainOptions {
   bool synchronize_steps = false;
   // Set by a signal handler: the loop stops after the current step and checkpoints.
   const std::atomic<int>* stop_signal = nullptr;
+  // Data parallel (null: one process). The plan is per rank: rank r trains samples
+  // [r*B, (r+1)*B) of each step's global batch of world*B (B = micro_batch x grad_accum);
+  // gradients are averaged once per optimizer step; rank 0 writes the checkpoints.
+  Communicator* comm = nullptr;
 };
 
 struct StepStats {
@@ -89,6 +95,9 @@ struct RunSummary {
   std::vector<Recovery> recoveries;
   int stop_signal = 0;  // SIGINT/SIGTERM that stopped the run, else 0
   std::string last_checkpoint;
+  std::string params_digest;    // FNV-1a of the final parameters' bytes: equal ranks, equal digests
+  double allreduce_s = 0;       // data parallel: seconds in gradient all-reduces this run
+  int64_t allreduce_calls = 0;  // and how many (one per optimizer step)
 };
 
 class TrainObserver {

@@ -23,6 +23,10 @@
 #include "autotune/workload.h"
 
 namespace autotune {
+class Communicator;
+}
+
+namespace autotune {
 
 struct Trial {
   Plan plan;
@@ -67,6 +71,9 @@ struct ProbeOptions {
   // (too_slow): it cannot win, so its remaining minutes are not spent (0: never). The search sets
   // it to half the best fitting plan's tokens/s; bf16 matmuls without AVX-512/AMX run ~70x slower.
   double stop_below_tokens_per_s = 0;
+  // Data parallel: the trial runs on every rank together, its gradients all-reduced, so the
+  // verified peak holds the all-reduce's buffers too (null: this process alone).
+  Communicator* comm = nullptr;
 };
 
 // Speed of a matmul in `precision` relative to fp32 on `device` (> 1: faster), the smallest time

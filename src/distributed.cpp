@@ -1,0 +1,411 @@
+// c10d's TCPStore and ProcessGroupGloo, from the torch wheel's libtorch_cpu. The wheel ships the
+// c10d headers but not gloo's; ProcessGroupGloo.hpp needs gloo's (Debian's libgloo-dev, headers
+// only: the gloo code that runs is the one inside libtorch_cpu). test_distributed runs real
+// collectives through them (docs/DECISIONS.md).
+#include "autotune/distributed.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <thread>
+
+#include <spdlog/spdlog.h>
+// ProcessGroupGloo.hpp declares its class only under this macro (defined here, not on the command
+// line, so the precompiled torch header stays valid for this file).
+#define USE_C10D_GLOO 1
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include "autotune/errors.h"
+
+namespace autotune {
+
+#ifdef AUTOTUNE_WITH_CUDA
+namespace detail {  // src/cuda_memory.cpp
+c10::intrusive_ptr<c10d::Backend> make_nccl_backend(const c10::intrusive_ptr<c10d::Store>& store,
+                                                    int rank, int size,
+                                                    std::chrono::milliseconds timeout);
+}
+#endif
+
+namespace {
+
+std::optional<long> env_int(const char* name) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return std::nullopt;
+  char* end = nullptr;
+  errno = 0;
+  const long x = std::strtol(v, &end, 10);
+  if (errno || *end || x < 0)
+    throw UsageError(std::string(name) + "=" + v +
+                     " is not a non-negative integer; fix the launcher's environment");
+  return x;
+}
+
+std::vector<uint8_t> bytes(const std::string& s) {
+  return {s.begin(), s.end()};
+}
+
+std::string hostname() {
+  char buf[256] = {};
+  gethostname(buf, sizeof buf - 1);
+  return buf;
+}
+
+// Alive and not a zombie (a killed child its parent has not reaped yet still answers kill 0).
+bool process_alive(long pid) {
+  if (kill(static_cast<pid_t>(pid), 0) != 0) return errno != ESRCH;
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  std::getline(stat, line);
+  const auto close = line.rfind(')');
+  return close == std::string::npos || close + 2 >= line.size() || line[close + 2] != 'Z';
+}
+
+}  // namespace
+
+WorldInfo world_from_env() {
+  WorldInfo w;
+  const auto size = env_int("WORLD_SIZE");
+  if (!size || *size <= 1) return w;
+  w.size = static_cast<int>(*size);
+  const auto rank = env_int("RANK");
+  if (!rank) throw UsageError("WORLD_SIZE is set but RANK is not; set both (or use --nproc N)");
+  if (*rank >= w.size)
+    throw UsageError("RANK " + std::to_string(*rank) + " is not below WORLD_SIZE " +
+                     std::to_string(w.size) + "; fix the launcher's environment");
+  w.rank = static_cast<int>(*rank);
+  w.local_rank = static_cast<int>(env_int("LOCAL_RANK").value_or(w.rank));
+  if (const char* a = std::getenv("MASTER_ADDR"); a && *a) w.master_addr = a;
+  if (const auto p = env_int("MASTER_PORT")) {
+    if (*p == 0 || *p > 65535)
+      throw UsageError("MASTER_PORT=" + std::to_string(*p) + " is not a TCP port (1-65535)");
+    w.master_port = static_cast<int>(*p);
+  }
+  return w;
+}
+
+struct Communicator::Impl {
+  c10::intrusive_ptr<c10d::TCPStore> store;
+  c10::intrusive_ptr<c10d::Backend> pg;  // Gloo on CPU, NCCL on CUDA
+};
+
+Communicator::Communicator(const WorldInfo& world, std::chrono::milliseconds timeout,
+                           torch::Device device)
+    : world_(world), timeout_(timeout), device_(device), impl_(std::make_unique<Impl>()) {
+  try {
+    c10d::TCPStoreOptions so;
+    so.port = static_cast<uint16_t>(world.master_port);
+    // Under torchrun the agent already serves the store at MASTER_PORT: every rank is a client.
+    const char* agent_store = std::getenv("TORCHELASTIC_USE_AGENT_STORE");
+    so.isServer = world.rank == 0 && !(agent_store && std::string(agent_store) == "True");
+    so.numWorkers = world.size;
+    so.timeout = timeout;
+    impl_->store = c10::make_intrusive<c10d::TCPStore>(world.master_addr, so);
+    if (device.is_cuda()) {
+#ifdef AUTOTUNE_WITH_CUDA
+      impl_->pg = detail::make_nccl_backend(impl_->store, world.rank, world.size, timeout);
+#else
+      throw UsageError(
+          "this autotune was built without CUDA; ranks on a CUDA device need a CUDA "
+          "LibTorch build");
+#endif
+    } else {
+      auto opts = c10d::ProcessGroupGloo::Options::create();
+      // Loopback for a local world; the host's name (resolved by gloo) when ranks span hosts.
+      const bool local = world.master_addr == "127.0.0.1" || world.master_addr == "localhost";
+      opts->devices.push_back(local ? c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1")
+                                    : c10d::ProcessGroupGloo::createDefaultDevice());
+      opts->timeout = timeout;
+      impl_->pg =
+          c10::make_intrusive<c10d::ProcessGroupGloo>(impl_->store, world.rank, world.size, opts);
+    }
+    const std::string r = std::to_string(world.rank);
+    impl_->store->set("pid/" + r, bytes(std::to_string(getpid())));
+    impl_->store->set("host/" + r, bytes(hostname()));
+    barrier();
+  } catch (const std::exception& e) {
+    throw RuntimeError("rank " + std::to_string(world.rank) + " of " + std::to_string(world.size) +
+                       " could not join the others at " + world.master_addr + ":" +
+                       std::to_string(world.master_port) + " within " +
+                       std::to_string(timeout.count() / 1000) + " s (" + e.what() +
+                       "); start every rank, or check MASTER_ADDR / MASTER_PORT");
+  }
+}
+
+Communicator::~Communicator() = default;
+
+void Communicator::lost(const std::exception& e) const {
+  // Which rank is gone: a local peer whose process no longer exists. Rank 0 holds the store, so
+  // when it is gone the store does not answer either.
+  std::string who;
+  try {
+    const std::string here = hostname();
+    for (int r = 0; r < world_.size; ++r) {
+      if (r == world_.rank) continue;
+      const auto host = impl_->store->get("host/" + std::to_string(r));
+      const auto pid = impl_->store->get("pid/" + std::to_string(r));
+      if (std::string(host.begin(), host.end()) != here) continue;
+      if (!process_alive(std::stol(std::string(pid.begin(), pid.end()))))
+        who += (who.empty() ? "" : ", ") + std::to_string(r);
+    }
+  } catch (const std::exception&) {
+    if (world_.rank != 0) who = "0";
+  }
+  std::string what = e.what();
+  if (auto nl = what.find('\n'); nl != std::string::npos) what.resize(nl);
+  const bool rank0_lost = who == "0" || who.rfind("0, ", 0) == 0;
+  throw LostRank("rank " + std::to_string(world_.rank) + ": lost " +
+                     (who.empty() ? std::string("a peer rank") : "rank " + who) +
+                     " (a collective failed or waited over " +
+                     std::to_string(timeout_.count() / 1000) + " s: " + what +
+                     "); the run stops here, resume it with --resume auto",
+                 rank0_lost);
+}
+
+void Communicator::broadcast(std::vector<torch::Tensor> tensors, int root) {
+  try {
+    c10d::BroadcastOptions o;
+    o.rootRank = root;
+    for (auto& t : tensors) {
+      std::vector<at::Tensor> one{t};
+      impl_->pg->broadcast(one, o)->wait();
+    }
+  } catch (const std::exception& e) {
+    lost(e);
+  }
+}
+
+void Communicator::average_gradients(const std::vector<torch::Tensor>& params,
+                                     int64_t bucket_bytes) {
+  const auto t0 = std::chrono::steady_clock::now();
+  torch::NoGradGuard no_grad;
+  // A parameter without a gradient (unused this step) joins as zeros so every rank's buckets
+  // hold the same tensors in the same order.
+  std::vector<torch::Tensor> grads;
+  for (const auto& p : params) {
+    if (!p.requires_grad()) continue;
+    if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
+    grads.push_back(p.grad());
+  }
+  auto flush = [&](std::vector<torch::Tensor>& bucket) {
+    if (bucket.empty()) return;
+    std::vector<at::Tensor> flat{torch::cat([&] {
+      std::vector<torch::Tensor> v;
+      for (auto& g : bucket) v.push_back(g.reshape(-1));
+      return v;
+    }())};  // [sum of numel], the bucket's dtype
+    try {
+      impl_->pg->allreduce(flat)->wait();
+    } catch (const std::exception& e) {
+      lost(e);
+    }
+    flat[0].div_(static_cast<double>(world_.size));
+    int64_t at = 0;
+    for (auto& g : bucket) {
+      g.copy_(flat[0].narrow(0, at, g.numel()).view_as(g));
+      at += g.numel();
+    }
+    bucket.clear();
+  };
+  std::vector<torch::Tensor> bucket;
+  int64_t bytes = 0;
+  for (auto& g : grads) {
+    const int64_t b = g.numel() * static_cast<int64_t>(g.element_size());
+    if (!bucket.empty() &&
+        (bytes + b > bucket_bytes || g.scalar_type() != bucket[0].scalar_type() ||
+         g.device() != bucket[0].device())) {
+      flush(bucket);
+      bytes = 0;
+    }
+    bucket.push_back(g);
+    bytes += b;
+  }
+  flush(bucket);
+  allreduce_seconds_ +=
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ++allreduce_calls_;
+}
+
+torch::Tensor Communicator::average(const torch::Tensor& t) {
+  std::vector<at::Tensor> v{t.detach().clone()};
+  try {
+    impl_->pg->allreduce(v)->wait();
+  } catch (const std::exception& e) {
+    lost(e);
+  }
+  return v[0].div_(static_cast<double>(world_.size));
+}
+
+bool Communicator::any(bool flag) {
+  // On the device: NCCL reduces device tensors only.
+  std::vector<at::Tensor> t{
+      torch::full({1}, flag ? 1 : 0, torch::dtype(torch::kInt32).device(device_))};
+  try {
+    c10d::AllreduceOptions o;
+    o.reduceOp = c10d::ReduceOp::MAX;
+    impl_->pg->allreduce(t, o)->wait();
+  } catch (const std::exception& e) {
+    lost(e);
+  }
+  return t[0].item<int32_t>() != 0;
+}
+
+std::string Communicator::share_text(const std::string& key, const std::string& text, int root,
+                                     std::chrono::milliseconds wait) {
+  try {
+    if (world_.rank == root) {
+      impl_->store->set(key, bytes(text));
+      return text;
+    }
+    impl_->store->wait({key}, wait);
+    const auto v = impl_->store->get(key);
+    return std::string(v.begin(), v.end());
+  } catch (const std::exception& e) {
+    lost(e);
+  }
+}
+
+std::vector<std::string> Communicator::gather_text(const std::string& key, const std::string& text,
+                                                   int root, std::chrono::milliseconds wait) {
+  std::vector<std::string> all;
+  try {
+    impl_->store->set(key + "/" + std::to_string(world_.rank), bytes(text));
+    if (world_.rank != root) return all;
+    for (int r = 0; r < world_.size; ++r) {
+      const std::string k = key + "/" + std::to_string(r);
+      impl_->store->wait({k}, wait);
+      const auto v = impl_->store->get(k);
+      all.emplace_back(v.begin(), v.end());
+    }
+  } catch (const std::exception& e) {
+    lost(e);
+  }
+  return all;
+}
+
+void Communicator::barrier() {
+  try {
+    impl_->pg->barrier()->wait();
+  } catch (const std::exception& e) {
+    lost(e);
+  }
+}
+
+namespace {
+
+int free_loopback_port() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  if (fd < 0 || bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+    if (fd >= 0) close(fd);
+    throw RuntimeError(std::string("no free loopback port for the ranks: ") + std::strerror(errno));
+  }
+  const int port = ntohs(a.sin_port);
+  close(fd);
+  return port;
+}
+
+std::vector<pid_t> g_children;
+void forward_signal(int sig) {
+  for (pid_t p : g_children)
+    if (p > 0) kill(p, sig);
+}
+
+std::string describe_status(int status) {
+  if (WIFSIGNALED(status))
+    return std::string("killed by signal ") + std::to_string(WTERMSIG(status)) + " (" +
+           strsignal(WTERMSIG(status)) + ")";
+  return "exited with code " + std::to_string(WEXITSTATUS(status));
+}
+
+}  // namespace
+
+int launch_local_ranks(int nproc, const std::vector<std::string>& argv,
+                       std::chrono::milliseconds grace) {
+  const int port = free_loopback_port();
+  const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+  const std::string threads = std::to_string(std::max(1u, cores / static_cast<unsigned>(nproc)));
+  spdlog::info("starting {} ranks on 127.0.0.1:{} ({} thread(s) each)", nproc, port, threads);
+  spdlog::default_logger()->flush();
+  g_children.assign(static_cast<size_t>(nproc), 0);
+  struct sigaction sa {};
+  sa.sa_handler = forward_signal;
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+  for (int r = 0; r < nproc; ++r) {
+    const pid_t pid = fork();
+    if (pid < 0) {
+      forward_signal(SIGKILL);
+      throw RuntimeError(std::string("cannot start rank ") + std::to_string(r) + ": " +
+                         std::strerror(errno));
+    }
+    if (pid == 0) {
+      setenv("RANK", std::to_string(r).c_str(), 1);
+      setenv("LOCAL_RANK", std::to_string(r).c_str(), 1);
+      setenv("WORLD_SIZE", std::to_string(nproc).c_str(), 1);
+      setenv("MASTER_ADDR", "127.0.0.1", 1);
+      setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
+      setenv("OMP_NUM_THREADS", threads.c_str(), 0);  // the user's setting wins
+      std::vector<std::string> args = argv;
+      std::vector<char*> c_args;
+      for (auto& a : args) c_args.push_back(a.data());
+      c_args.push_back(nullptr);
+      execv("/proc/self/exe", c_args.data());
+      _exit(127);
+    }
+    g_children[static_cast<size_t>(r)] = pid;
+  }
+  int exit_code = 0, running = nproc;
+  bool stopping = false;
+  auto deadline = std::chrono::steady_clock::time_point::max();
+  while (running > 0) {
+    int status = 0;
+    const pid_t pid = waitpid(-1, &status, stopping ? WNOHANG : 0);
+    if (pid == 0) {  // stopping, nobody exited yet
+      if (std::chrono::steady_clock::now() > deadline) {
+        forward_signal(SIGKILL);
+        deadline = std::chrono::steady_clock::time_point::max();
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      continue;
+    }
+    if (pid < 0) {
+      if (errno == EINTR) continue;
+      break;
+    }
+    int rank = -1;
+    for (int r = 0; r < nproc; ++r)
+      if (g_children[static_cast<size_t>(r)] == pid) {
+        rank = r;
+        g_children[static_cast<size_t>(r)] = 0;
+      }
+    if (rank < 0) continue;
+    --running;
+    const bool failed = !(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    if (failed && !stopping) {
+      exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : kExitRuntime;
+      spdlog::error("rank {} {}; stopping the other ranks", rank, describe_status(status));
+      stopping = true;
+      forward_signal(SIGTERM);
+      deadline = std::chrono::steady_clock::now() + grace;
+    }
+  }
+  signal(SIGTERM, SIG_DFL);
+  signal(SIGINT, SIG_DFL);
+  return exit_code;
+}
+
+}  // namespace autotune

@@ -1,0 +1,305 @@
+// Data parallel on c10d (TCPStore + Gloo), with real ranks: two processes of the real binary on
+// loopback, started by `--nproc 2` or by torchrun.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <fcntl.h>
+#include <chrono>
+#include <filesystem>
+
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "autotune/gpt_workload.h"
+#include "test_support.h"
+
+namespace tu = autotune::testing;
+using namespace autotune;
+
+extern char** environ;
+
+namespace {
+
+nlohmann::json parse_json(const tu::ProcessResult& r) {
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  try {
+    return nlohmann::json::parse(r.out);
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "no JSON on stdout: " << e.what() << "\n" << r.out << "\n" << r.err;
+    return {};
+  }
+}
+
+// A pinned plan: the probe is one trial, so the runs differ only in the world size.
+// `dir`: a fresh directory for the run and its profiles.
+std::vector<std::string> pinned_run(const std::string& dir, int64_t micro_batch, int nproc,
+                                    int64_t steps = 6) {
+  std::vector<std::string> a = {"run",
+                                "--data",
+                                tu::corpus_path(),
+                                "--budget",
+                                "2G",
+                                "--model",
+                                "gpt-tiny",
+                                "--global-batch",
+                                "8",
+                                "--micro-batch",
+                                std::to_string(micro_batch),
+                                "--precision",
+                                "fp32",
+                                "--checkpointing",
+                                "off",
+                                "--steps",
+                                std::to_string(steps),
+                                "--run-dir",
+                                dir + "/run",
+                                "--profile-dir",
+                                dir + "/prof",
+                                "--eval-sequences",
+                                "8",
+                                "--json"};
+  if (nproc > 1) a.insert(a.end(), {"--nproc", std::to_string(nproc)});
+  return a;
+}
+
+// The parameters of the newest checkpoint in run_dir, by name.
+std::map<std::string, torch::Tensor> checkpoint_parameters(const std::string& run_dir) {
+  std::vector<std::string> files;
+  for (const auto& e : std::filesystem::directory_iterator(run_dir + "/checkpoints"))
+    if (e.path().extension() == ".pt") files.push_back(e.path().string());
+  std::sort(files.begin(), files.end());
+  EXPECT_FALSE(files.empty()) << "no checkpoint in " << run_dir;
+  if (files.empty()) return {};
+  GptWorkload w(load_gpt_config("gpt-tiny"), TokenFile::open(tu::corpus_path()), 1);
+  Plan p;
+  auto model = w.build(p, torch::kCPU, 1);
+  torch::serialize::InputArchive archive, model_archive;
+  archive.load_from(files.back());
+  archive.read("model", model_archive);
+  model->load(model_archive);
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& kv : model->named_parameters()) out[kv.key()] = kv.value().detach().clone();
+  return out;
+}
+
+}  // namespace
+
+TEST(Distributed, TwoRanksAtMicroBatchBTrainAsOneRankAt2B) {
+  // Global batch 8: one rank at micro-batch 8, or two at 4 each (samples 0-3 and 4-7 of every
+  // step). Gradients averaged over the ranks equal the one big batch's up to float summation
+  // order, so the parameters agree to fp32 rounding after 6 AdamW steps.
+  const std::string one_dir = tu::temp_dir("dp-one"), two_dir = tu::temp_dir("dp-two");
+  const auto one_args = pinned_run(one_dir, 8, 1);
+  const auto two_args = pinned_run(two_dir, 4, 2);
+  const nlohmann::json one = parse_json(tu::run_autotune(one_args));
+  const nlohmann::json two = parse_json(tu::run_autotune(two_args));
+  ASSERT_TRUE(two.contains("ranks")) << two.dump();
+  EXPECT_EQ(two.at("world_size"), 2);
+  EXPECT_EQ(two.at("effective_batch"), 8);
+  EXPECT_EQ(one.at("effective_batch"), 8);
+  ASSERT_EQ(two.at("ranks").size(), 2u);
+  // Both ranks hold bit-identical parameters: same averaged gradients, same updates.
+  EXPECT_EQ(two.at("ranks")[0].at("params_digest"), two.at("ranks")[1].at("params_digest"));
+  EXPECT_EQ(two.at("ranks")[0].at("allreduce_calls"), 6);
+  const auto a = checkpoint_parameters(one_dir + "/run");
+  const auto b = checkpoint_parameters(two_dir + "/run");
+  ASSERT_EQ(a.size(), b.size());
+  ASSERT_FALSE(a.empty());
+  double worst = 0;
+  for (const auto& [name, t] : a) {
+    ASSERT_TRUE(b.count(name)) << name;
+    worst = std::max(worst, (t - b.at(name)).abs().max().item<double>());
+  }
+  std::printf("largest parameter difference, 1 rank x 8 vs 2 ranks x 4: %.3g\n", worst);
+  EXPECT_LT(worst, 1e-4) << "the two runs trained different models";
+  // The training moved the parameters far more than that (the comparison is not trivial).
+  GptWorkload w(load_gpt_config("gpt-tiny"), TokenFile::open(tu::corpus_path()), 1);
+  auto init = w.build(Plan{}, torch::kCPU, 1337);
+  double moved = 0;
+  for (const auto& kv : init->named_parameters())
+    moved = std::max(moved, (kv.value() - a.at(kv.key())).abs().max().item<double>());
+  EXPECT_GT(moved, 100 * worst);
+}
+
+TEST(Distributed, TheTunedPlanIsTheSameOnEveryRankAndFitsEach) {
+  const std::string dir = tu::temp_dir("dp-tuned");
+  const nlohmann::json j = parse_json(tu::run_autotune({"run",
+                                                        "--data",
+                                                        tu::corpus_path(),
+                                                        "--nproc",
+                                                        "2",
+                                                        "--budget",
+                                                        "300M",
+                                                        "--model",
+                                                        "gpt-mini",
+                                                        "--global-batch",
+                                                        "16",
+                                                        "--steps",
+                                                        "3",
+                                                        "--eval-sequences",
+                                                        "8",
+                                                        "--run-dir",
+                                                        dir + "/run",
+                                                        "--profile-dir",
+                                                        dir + "/prof",
+                                                        "--json"}));
+  ASSERT_EQ(j.at("ranks").size(), 2u) << j.dump();
+  const auto& r0 = j.at("ranks")[0];
+  const auto& r1 = j.at("ranks")[1];
+  EXPECT_EQ(r0.at("plan"), r1.at("plan"));
+  EXPECT_EQ(r0.at("plan").at("micro_batch").get<int64_t>() *
+                r0.at("plan").at("grad_accum").get<int64_t>(),
+            8)
+      << "each rank trains half of the global batch of 16";
+  const uint64_t budget = j.at("budget_bytes");
+  for (const auto& r : j.at("ranks")) {
+    EXPECT_GT(r.at("verified_peak_bytes").get<uint64_t>(), 0u) << r.dump();
+    EXPECT_LE(r.at("verified_peak_bytes").get<uint64_t>(), budget) << r.dump();
+    EXPECT_LE(r.at("peak_budget_bytes").get<uint64_t>(), budget) << r.dump();
+  }
+  EXPECT_FALSE(j.at("trials").empty()) << "rank 0 probed";
+  // The profile knows the world size; a second run reuses it on both ranks.
+  const nlohmann::json again = parse_json(tu::run_autotune({"run",
+                                                            "--data",
+                                                            tu::corpus_path(),
+                                                            "--nproc",
+                                                            "2",
+                                                            "--budget",
+                                                            "300M",
+                                                            "--model",
+                                                            "gpt-mini",
+                                                            "--global-batch",
+                                                            "16",
+                                                            "--steps",
+                                                            "3",
+                                                            "--eval-sequences",
+                                                            "8",
+                                                            "--run-dir",
+                                                            dir + "/run2",
+                                                            "--profile-dir",
+                                                            dir + "/prof",
+                                                            "--json"}));
+  EXPECT_TRUE(again.at("reused_profile").get<bool>());
+  EXPECT_EQ(again.at("ranks")[1].at("plan"), r0.at("plan"));
+  const std::string profile = tu::read_file(j.at("profile").get<std::string>());
+  EXPECT_EQ(nlohmann::json::parse(profile).at("fingerprint").at("world_size"), 2);
+}
+
+TEST(Distributed, AnOomOnOneRankIsRecoveredOnBothTheSameWay) {
+  auto args = pinned_run(tu::temp_dir("dp-oom"), 4, 2);
+  const nlohmann::json j = parse_json(
+      tu::run_autotune(args, {"AUTOTUNE_INJECT_OOM=2:backward", "AUTOTUNE_INJECT_OOM_RANK=1"}));
+  ASSERT_EQ(j.at("ranks").size(), 2u) << j.dump();
+  for (const auto& r : j.at("ranks")) {
+    EXPECT_EQ(r.at("oom_recoveries"), 1) << r.dump();
+    EXPECT_EQ(r.at("plan").at("micro_batch"), 2) << "halved on both ranks: " << r.dump();
+    EXPECT_EQ(r.at("plan").at("grad_accum"), 2) << r.dump();
+  }
+  EXPECT_EQ(j.at("ranks")[0].at("params_digest"), j.at("ranks")[1].at("params_digest"));
+  EXPECT_EQ(j.at("steps"), 6) << "no step lost";
+}
+
+TEST(Distributed, AKilledRankStopsTheOthersWithOneLineNamingIt) {
+  const std::string dir = tu::temp_dir("dp-kill");
+  const std::string err = dir + "/stderr";
+  const int timeout_s = 10;
+  std::vector<std::string> args = {
+      AUTOTUNE_BIN,     "run",         "--data",         tu::corpus_path(),
+      "--nproc",        "2",           "--device",       "cpu",
+      "--budget",       "2G",          "--model",        "gpt-tiny",
+      "--global-batch", "8",           "--micro-batch",  "4",
+      "--precision",    "fp32",        "--steps",        "100000",
+      "--log-every",    "1",           "--run-dir",      dir + "/run",
+      "--profile-dir",  dir + "/prof", "--dist-timeout", std::to_string(timeout_s)};
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+  posix_spawn_file_actions_addopen(&fa, 2, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  pid_t launcher = 0;
+  ASSERT_EQ(posix_spawn(&launcher, AUTOTUNE_BIN, &fa, nullptr, argv.data(), environ), 0);
+  posix_spawn_file_actions_destroy(&fa);
+
+  // Wait until the ranks train (rank 0 logs steps), then find rank 1 by its environment.
+  const std::string steps = dir + "/run/steps.jsonl";
+  for (int i = 0;
+       i < 1200 && !(std::filesystem::exists(steps) && std::filesystem::file_size(steps) > 0); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  ASSERT_TRUE(std::filesystem::exists(steps)) << tu::read_file(err);
+  pid_t rank1 = 0;
+  for (const auto& e : std::filesystem::directory_iterator("/proc")) {
+    const std::string name = e.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream stat(e.path() / "stat");
+    std::string line;
+    std::getline(stat, line);
+    const auto close = line.rfind(')');
+    if (close == std::string::npos) continue;
+    std::istringstream rest(line.substr(close + 2));
+    std::string state;
+    pid_t ppid = 0;
+    rest >> state >> ppid;
+    if (ppid != launcher) continue;
+    std::ifstream env(e.path() / "environ");
+    std::string var;
+    while (std::getline(env, var, '\0'))
+      if (var == "RANK=1") rank1 = static_cast<pid_t>(std::stol(name));
+  }
+  ASSERT_GT(rank1, 0) << "rank 1 not found among the launcher's children";
+  ASSERT_EQ(kill(rank1, SIGKILL), 0);
+  const auto t0 = std::chrono::steady_clock::now();
+  int status = 0;
+  pid_t done = 0;
+  // Bounded: the collective timeout, then the launcher's grace (SIGTERM, then SIGKILL).
+  const auto bound = std::chrono::seconds(2 * timeout_s + 20);
+  while ((done = waitpid(launcher, &status, WNOHANG)) == 0 &&
+         std::chrono::steady_clock::now() - t0 < bound)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  if (done == 0) {
+    kill(launcher, SIGKILL);
+    waitpid(launcher, &status, 0);
+    FAIL() << "the launcher did not exit within " << bound.count() << " s of the kill (a hang)\n"
+           << tu::read_file(err);
+  }
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("after the kill the launcher exited in %.1f s\n", took);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_NE(WEXITSTATUS(status), 0);
+  const std::string text = tu::read_file(err);
+  EXPECT_NE(text.find("rank 1 killed by signal 9"), std::string::npos) << text;
+  EXPECT_NE(text.find("lost rank 1"), std::string::npos) << "rank 0 names the lost rank:\n" << text;
+  // No progress lost: rank 0 saved the last completed step before it stopped.
+  EXPECT_FALSE(tu::list_dir(dir + "/run/checkpoints").empty()) << text;
+}
+
+TEST(Distributed, TorchrunLaunchesRanksLikeNproc) {
+  const std::string torchrun =
+      std::filesystem::path(AUTOTUNE_PYTHON).parent_path().string() + "/torchrun";
+  ASSERT_TRUE(std::filesystem::exists(torchrun))
+      << torchrun << " is missing: scripts/setup makes the venv with torch";
+  auto args = pinned_run(tu::temp_dir("dp-torchrun"), 4, 1);
+  std::vector<std::string> cmd = {"--no-python", "--standalone", "--nproc-per-node", "2",
+                                  AUTOTUNE_BIN};
+  cmd.insert(cmd.end(), args.begin(), args.end());
+  cmd.insert(cmd.end(), {"--device", "cpu"});
+  const tu::ProcessResult r = tu::run_program(torchrun, cmd, {"OMP_NUM_THREADS=1"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  // torchrun passes both ranks' stdout through; rank 0 alone prints the JSON.
+  const nlohmann::json j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j.at("world_size"), 2);
+  EXPECT_EQ(j.at("effective_batch"), 8);
+  const nlohmann::json nproc =
+      parse_json(tu::run_autotune(pinned_run(tu::temp_dir("dp-two-ref"), 4, 2)));
+  EXPECT_EQ(j.at("ranks")[0].at("params_digest"), j.at("ranks")[1].at("params_digest"));
+  EXPECT_EQ(j.at("params_digest"), nproc.at("params_digest"))
+      << "torchrun and --nproc 2 trained the same model";
+}
