@@ -2,6 +2,7 @@
 
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <memory>
@@ -339,6 +340,9 @@ int dispatch(int argc, char** argv) {
   RunSpec spec = spec_from(command, result);
   spec.command_line = "autotune";
   for (int i = 1; i < argc; ++i) spec.command_line += std::string(" ") + argv[i];
+  // A rank started by --nproc says the launcher's command in its "run again" hint.
+  if (const char* launched = std::getenv("AUTOTUNE_LAUNCH_COMMAND"); launched && *launched)
+    spec.command_line = launched;
   spec.argv.assign(argv, argv + argc);
   if (spec.json) live_line::set_enabled(false);  // plain lines beside a machine-read stdout
   if (spec.quiet) spdlog::set_level(spdlog::level::warn);
@@ -363,6 +367,7 @@ int dispatch(int argc, char** argv) {
       if (a.rfind("--nproc=", 0) == 0) continue;
       rank_argv.push_back(a);
     }
+    setenv("AUTOTUNE_LAUNCH_COMMAND", spec.command_line.c_str(), 1);
     return launch_local_ranks(static_cast<int>(spec.nproc), rank_argv,
                               std::chrono::seconds(spec.dist_timeout_s));
   }

@@ -14,6 +14,7 @@
 
 #include "autotune/atomic_file.h"
 #include "autotune/errors.h"
+#include "autotune/hash.h"
 #include "autotune/size.h"
 
 namespace fs = std::filesystem;
@@ -64,14 +65,8 @@ Fingerprint Fingerprint::from_json(const nlohmann::json& j) {
 }
 
 std::string Fingerprint::hash() const {
-  uint64_t h = 0xcbf29ce484222325ULL;  // FNV-1a 64
-  for (unsigned char c : to_json().dump()) {
-    h ^= c;
-    h *= 0x100000001b3ULL;
-  }
-  char buf[17];
-  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
-  return buf;
+  const std::string canonical = to_json().dump();
+  return hex16(fnv1a64(canonical.data(), canonical.size()));
 }
 
 nlohmann::json Profile::to_json() const {

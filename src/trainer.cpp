@@ -14,6 +14,7 @@
 #include "autotune/cpu_allocator.h"
 #include "autotune/distributed.h"
 #include "autotune/errors.h"
+#include "autotune/hash.h"
 #include "autotune/optimizer.h"
 #include "autotune/precision.h"
 
@@ -78,18 +79,12 @@ struct PeerOutOfMemory : std::runtime_error {
 };
 
 std::string digest(const std::vector<torch::Tensor>& params) {
-  uint64_t h = 0xcbf29ce484222325ULL;  // FNV-1a 64
+  uint64_t h = kFnvOffset;
   for (const auto& p : params) {
     const torch::Tensor c = p.detach().to(torch::kCPU).contiguous();
-    const auto* b = static_cast<const unsigned char*>(c.data_ptr());
-    for (size_t i = 0; i < c.nbytes(); ++i) {
-      h ^= b[i];
-      h *= 0x100000001b3ULL;
-    }
+    h = fnv1a64(c.data_ptr(), c.nbytes(), h);
   }
-  char buf[17];
-  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
-  return buf;
+  return hex16(h);
 }
 
 void synchronize(torch::Device device) {
