@@ -303,3 +303,66 @@ TEST(Distributed, TorchrunLaunchesRanksLikeNproc) {
   EXPECT_EQ(j.at("params_digest"), nproc.at("params_digest"))
       << "torchrun and --nproc 2 trained the same model";
 }
+
+TEST(Distributed, AStoppedRunResumesOnEveryRankExactly) {
+  // SIGTERM to the launcher reaches both ranks; they agree to stop after the same step, rank 0
+  // checkpoints, and `--resume auto` on both ranks continues to the same parameters as a run
+  // that was never stopped (same --steps, so the same learning-rate schedule).
+  const std::string dir = tu::temp_dir("dp-resume");
+  auto args = [&](const std::string& run) {
+    return std::vector<std::string>{"run",
+                                    "--data",
+                                    tu::corpus_path(),
+                                    "--nproc",
+                                    "2",
+                                    "--budget",
+                                    "2G",
+                                    "--model",
+                                    "gpt-mini",
+                                    "--global-batch",
+                                    "16",
+                                    "--micro-batch",
+                                    "4",
+                                    "--precision",
+                                    "fp32",
+                                    "--checkpointing",
+                                    "off",
+                                    "--steps",
+                                    "40",
+                                    "--log-every",
+                                    "1",
+                                    "--eval-sequences",
+                                    "8",
+                                    "--run-dir",
+                                    dir + "/" + run,
+                                    "--profile-dir",
+                                    dir + "/prof-" + run,
+                                    "--json"};
+  };
+  const nlohmann::json full = parse_json(tu::run_autotune(args("full")));
+
+  const pid_t launcher = tu::start_autotune(args("stopped"));
+  const std::string steps = dir + "/stopped/steps.jsonl";
+  for (int i = 0; i < 1200; ++i) {
+    if (std::filesystem::exists(steps) &&
+        tu::read_file(steps).find("\"step\":2,") != std::string::npos)
+      break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_EQ(kill(launcher, SIGTERM), 0);
+  int status = 0;
+  ASSERT_EQ(waitpid(launcher, &status, 0), launcher);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 143) << "stopped by SIGTERM after a checkpoint";
+  ASSERT_FALSE(tu::list_dir(dir + "/stopped/checkpoints").empty());
+
+  auto resume = args("stopped");
+  resume.insert(resume.end(), {"--resume", "auto"});
+  const nlohmann::json resumed = parse_json(tu::run_autotune(resume));
+  EXPECT_GT(resumed.at("first_step").get<int64_t>(), 0) << "it resumed, not restarted";
+  EXPECT_LT(resumed.at("first_step").get<int64_t>(), 40) << "the stop came before the end";
+  EXPECT_EQ(resumed.at("steps"), 40);
+  EXPECT_EQ(resumed.at("ranks")[0].at("params_digest"), resumed.at("ranks")[1].at("params_digest"));
+  EXPECT_EQ(resumed.at("params_digest"), full.at("params_digest"))
+      << "the resumed run trained a different model";
+}
