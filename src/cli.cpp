@@ -352,10 +352,7 @@ int dispatch(int argc, char** argv) {
       throw UsageError("--nproc " + std::to_string(spec.nproc) +
                        " inside a launcher that set WORLD_SIZE: give one of them");
     // Checked once here, not once per rank.
-    if (spec.global_batch && *spec.global_batch % spec.nproc != 0)
-      throw UsageError("--global-batch " + std::to_string(*spec.global_batch) +
-                       " does not split over " + std::to_string(spec.nproc) +
-                       " ranks; give a multiple of " + std::to_string(spec.nproc));
+    if (spec.global_batch) check_splits_over_ranks(*spec.global_batch, spec.nproc);
     // The ranks run this command again without --nproc (a launcher's environment instead).
     std::vector<std::string> rank_argv;
     for (int i = 0; i < argc; ++i) {

@@ -96,6 +96,23 @@ WorldInfo world_from_env() {
 struct Communicator::Impl {
   c10::intrusive_ptr<c10d::TCPStore> store;
   c10::intrusive_ptr<c10d::Backend> pg;  // Gloo on CPU, NCCL on CUDA
+
+  // In place: the elementwise `op` over ranks.
+  void all_reduce(at::Tensor& t, c10d::ReduceOp op = c10d::ReduceOp::SUM) {
+    std::vector<at::Tensor> one{t};
+    c10d::AllreduceOptions o;
+    o.reduceOp = op;
+    pg->allreduce(one, o)->wait();
+  }
+  void set(const std::string& key, const std::string& text) { store->set(key, bytes(text)); }
+  std::string get(const std::string& key) {
+    const auto v = store->get(key);
+    return {v.begin(), v.end()};
+  }
+  std::string wait_and_get(const std::string& key, std::chrono::milliseconds wait) {
+    store->wait({key}, wait);
+    return get(key);
+  }
 };
 
 Communicator::Communicator(const WorldInfo& world, std::chrono::milliseconds timeout,
@@ -129,8 +146,8 @@ Communicator::Communicator(const WorldInfo& world, std::chrono::milliseconds tim
           c10::make_intrusive<c10d::ProcessGroupGloo>(impl_->store, world.rank, world.size, opts);
     }
     const std::string r = std::to_string(world.rank);
-    impl_->store->set("pid/" + r, bytes(std::to_string(getpid())));
-    impl_->store->set("host/" + r, bytes(hostname()));
+    impl_->set("pid/" + r, std::to_string(getpid()));
+    impl_->set("host/" + r, hostname());
     barrier();
   } catch (const std::exception& e) {
     throw RuntimeError("rank " + std::to_string(world.rank) + " of " + std::to_string(world.size) +
@@ -143,6 +160,10 @@ Communicator::Communicator(const WorldInfo& world, std::chrono::milliseconds tim
 
 Communicator::~Communicator() = default;
 
+std::string Communicator::backend() const {
+  return impl_->pg->getBackendName();
+}
+
 void Communicator::lost(const std::exception& e) const {
   // Which rank is gone: a local peer whose process no longer exists. Rank 0 holds the store, so
   // when it is gone the store does not answer either.
@@ -151,10 +172,8 @@ void Communicator::lost(const std::exception& e) const {
     const std::string here = hostname();
     for (int r = 0; r < world_.size; ++r) {
       if (r == world_.rank) continue;
-      const auto host = impl_->store->get("host/" + std::to_string(r));
-      const auto pid = impl_->store->get("pid/" + std::to_string(r));
-      if (std::string(host.begin(), host.end()) != here) continue;
-      if (!process_alive(std::stol(std::string(pid.begin(), pid.end()))))
+      if (impl_->get("host/" + std::to_string(r)) != here) continue;
+      if (!process_alive(std::stol(impl_->get("pid/" + std::to_string(r)))))
         who += (who.empty() ? "" : ", ") + std::to_string(r);
     }
   } catch (const std::exception&) {
@@ -171,17 +190,23 @@ void Communicator::lost(const std::exception& e) const {
                  rank0_lost);
 }
 
-void Communicator::broadcast(std::vector<torch::Tensor> tensors, int root) {
+void Communicator::guarded(const std::function<void()>& f) const {
   try {
+    f();
+  } catch (const std::exception& e) {
+    lost(e);
+  }
+}
+
+void Communicator::broadcast(std::vector<torch::Tensor> tensors, int root) {
+  guarded([&] {
     c10d::BroadcastOptions o;
     o.rootRank = root;
     for (auto& t : tensors) {
       std::vector<at::Tensor> one{t};
       impl_->pg->broadcast(one, o)->wait();
     }
-  } catch (const std::exception& e) {
-    lost(e);
-  }
+  });
 }
 
 void Communicator::average_gradients(const std::vector<torch::Tensor>& params,
@@ -198,20 +223,14 @@ void Communicator::average_gradients(const std::vector<torch::Tensor>& params,
   }
   auto flush = [&](std::vector<torch::Tensor>& bucket) {
     if (bucket.empty()) return;
-    std::vector<at::Tensor> flat{torch::cat([&] {
-      std::vector<torch::Tensor> v;
-      for (auto& g : bucket) v.push_back(g.reshape(-1));
-      return v;
-    }())};  // [sum of numel], the bucket's dtype
-    try {
-      impl_->pg->allreduce(flat)->wait();
-    } catch (const std::exception& e) {
-      lost(e);
-    }
-    flat[0].div_(static_cast<double>(world_.size));
+    std::vector<torch::Tensor> pieces;
+    for (auto& g : bucket) pieces.push_back(g.reshape(-1));
+    at::Tensor flat = torch::cat(pieces);  // [sum of numel], the bucket's dtype; summed in place
+    guarded([&] { impl_->all_reduce(flat); });
+    flat.div_(static_cast<double>(world_.size));
     int64_t at = 0;
     for (auto& g : bucket) {
-      g.copy_(flat[0].narrow(0, at, g.numel()).view_as(g));
+      g.copy_(flat.narrow(0, at, g.numel()).view_as(g));
       at += g.numel();
     }
     bucket.clear();
@@ -236,68 +255,44 @@ void Communicator::average_gradients(const std::vector<torch::Tensor>& params,
 }
 
 torch::Tensor Communicator::average(const torch::Tensor& t) {
-  std::vector<at::Tensor> v{t.detach().clone()};
-  try {
-    impl_->pg->allreduce(v)->wait();
-  } catch (const std::exception& e) {
-    lost(e);
-  }
-  return v[0].div_(static_cast<double>(world_.size));
+  at::Tensor sum = t.detach().clone();
+  guarded([&] { impl_->all_reduce(sum); });
+  return sum.div_(static_cast<double>(world_.size));
 }
 
 bool Communicator::any(bool flag) {
   // On the device: NCCL reduces device tensors only.
-  std::vector<at::Tensor> t{
-      torch::full({1}, flag ? 1 : 0, torch::dtype(torch::kInt32).device(device_))};
-  try {
-    c10d::AllreduceOptions o;
-    o.reduceOp = c10d::ReduceOp::MAX;
-    impl_->pg->allreduce(t, o)->wait();
-  } catch (const std::exception& e) {
-    lost(e);
-  }
-  return t[0].item<int32_t>() != 0;
+  at::Tensor t = torch::full({1}, flag ? 1 : 0, torch::dtype(torch::kInt32).device(device_));
+  guarded([&] { impl_->all_reduce(t, c10d::ReduceOp::MAX); });
+  return t.item<int32_t>() != 0;
 }
 
 std::string Communicator::share_text(const std::string& key, const std::string& text, int root,
                                      std::chrono::milliseconds wait) {
-  try {
-    if (world_.rank == root) {
-      impl_->store->set(key, bytes(text));
-      return text;
-    }
-    impl_->store->wait({key}, wait);
-    const auto v = impl_->store->get(key);
-    return std::string(v.begin(), v.end());
-  } catch (const std::exception& e) {
-    lost(e);
-  }
+  std::string out = text;
+  guarded([&] {
+    if (world_.rank == root)
+      impl_->set(key, text);
+    else
+      out = impl_->wait_and_get(key, wait);
+  });
+  return out;
 }
 
 std::vector<std::string> Communicator::gather_text(const std::string& key, const std::string& text,
                                                    int root, std::chrono::milliseconds wait) {
   std::vector<std::string> all;
-  try {
-    impl_->store->set(key + "/" + std::to_string(world_.rank), bytes(text));
-    if (world_.rank != root) return all;
-    for (int r = 0; r < world_.size; ++r) {
-      const std::string k = key + "/" + std::to_string(r);
-      impl_->store->wait({k}, wait);
-      const auto v = impl_->store->get(k);
-      all.emplace_back(v.begin(), v.end());
-    }
-  } catch (const std::exception& e) {
-    lost(e);
-  }
+  guarded([&] {
+    impl_->set(key + "/" + std::to_string(world_.rank), text);
+    if (world_.rank != root) return;
+    for (int r = 0; r < world_.size; ++r)
+      all.push_back(impl_->wait_and_get(key + "/" + std::to_string(r), wait));
+  });
   return all;
 }
 
 void Communicator::barrier() {
-  try {
-    impl_->pg->barrier()->wait();
-  } catch (const std::exception& e) {
-    lost(e);
-  }
+  guarded([&] { impl_->pg->barrier()->wait(); });
 }
 
 namespace {

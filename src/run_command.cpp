@@ -93,9 +93,7 @@ int64_t checked_global_batch(const RunContext& ctx) {
   const int64_t global_batch =
       resolve_global_batch(spec, spec.seq_len.value_or(ctx.workload().default_seq_len()));
   const int world = ctx.world_size();
-  if (global_batch % world != 0)
-    throw UsageError("--global-batch " + std::to_string(global_batch) + " does not split over " +
-                     std::to_string(world) + " ranks; give a multiple of " + std::to_string(world));
+  check_splits_over_ranks(global_batch, world);
   if (spec.micro_batch && (global_batch / world) % *spec.micro_batch != 0)
     throw UsageError("--global-batch " + std::to_string(global_batch) +
                      " is not reachable with --micro-batch " + std::to_string(*spec.micro_batch) +
@@ -146,9 +144,7 @@ std::optional<Profile> reusable_profile(RunContext& ctx, const ProfileStore& sto
     return std::nullopt;
   }
   if (!profile) return std::nullopt;
-  ProbeOptions verify = probe;
-  verify.measured_steps = 1;
-  const Trial t = run_trial(ctx.workload(), profile->plan, verify, ctx.meter());
+  const Trial t = verify_plan(ctx.workload(), profile->plan, probe, ctx.meter());
   *verified_peak = t.peak_bytes;
   if (!t.fits) {
     spdlog::warn("profile {} no longer fits ({}: peak {}); re-probing", path, t.reason,
@@ -364,11 +360,9 @@ Profile share_profile(RunContext& ctx, std::optional<Profile> profile, const Pro
                       std::chrono::hours(24));
   Profile p = ctx.rank() == 0 ? *profile : Profile::from_json(nlohmann::json::parse(text));
   // Two steps on all ranks together: the all-reduce's buffers are part of every rank's peak.
-  ProbeOptions verify = probe;
-  verify.measured_steps = 1;
-  verify.comm = &comm;
-  verify.min_measure_s = 0;  // no re-timing: its step count would differ between ranks
-  const Trial t = run_trial(ctx.workload(), p.plan, verify, ctx.meter());
+  ProbeOptions together = probe;
+  together.comm = &comm;
+  const Trial t = verify_plan(ctx.workload(), p.plan, together, ctx.meter());
   *verified_peak = t.peak_bytes;
   const bool fits = t.fits;
   if (!fits)

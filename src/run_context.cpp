@@ -281,9 +281,9 @@ void RunContext::print_settings(const Plan& plan, const std::string& plan_source
       {"process baseline", format_bytes(meter_->baseline_bytes())},
   };
   if (comm_)
-    rows.push_back({"ranks", std::to_string(comm_->size()) +
-                                 " (c10d Gloo; the budget is per rank; rank " +
-                                 std::to_string(comm_->rank()) + " here)"});
+    rows.push_back({"ranks", std::to_string(comm_->size()) + " (c10d " + comm_->backend() +
+                                 "; the budget is per rank; rank " + std::to_string(comm_->rank()) +
+                                 " here)"});
   if (!spec_.run_dir.empty()) rows.push_back({"run dir", spec_.run_dir});
   print_table("settings", rows);
 }

@@ -53,6 +53,12 @@ torch::Device resolve_device(const std::string& name) {
   return device;
 }
 
+void check_splits_over_ranks(int64_t global_batch, int64_t ranks) {
+  if (global_batch % ranks != 0)
+    throw UsageError("--global-batch " + std::to_string(global_batch) + " does not split over " +
+                     std::to_string(ranks) + " ranks; give a multiple of " + std::to_string(ranks));
+}
+
 int64_t resolve_global_batch(const RunSpec& spec, int64_t seq_len) {
   if (spec.batch_tokens) {
     if (*spec.batch_tokens % seq_len != 0)

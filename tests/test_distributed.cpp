@@ -130,26 +130,30 @@ TEST(Distributed, TwoRanksAtMicroBatchBTrainAsOneRankAt2B) {
 
 TEST(Distributed, TheTunedPlanIsTheSameOnEveryRankAndFitsEach) {
   const std::string dir = tu::temp_dir("dp-tuned");
-  const nlohmann::json j = parse_json(tu::run_autotune({"run",
-                                                        "--data",
-                                                        tu::corpus_path(),
-                                                        "--nproc",
-                                                        "2",
-                                                        "--budget",
-                                                        "300M",
-                                                        "--model",
-                                                        "gpt-mini",
-                                                        "--global-batch",
-                                                        "16",
-                                                        "--steps",
-                                                        "3",
-                                                        "--eval-sequences",
-                                                        "8",
-                                                        "--run-dir",
-                                                        dir + "/run",
-                                                        "--profile-dir",
-                                                        dir + "/prof",
-                                                        "--json"}));
+  // gpt-mini at 300M per rank, global batch 16; both runs share the profile store.
+  auto tuned_run = [&](const std::string& run_dir) {
+    return parse_json(tu::run_autotune({"run",
+                                        "--data",
+                                        tu::corpus_path(),
+                                        "--nproc",
+                                        "2",
+                                        "--budget",
+                                        "300M",
+                                        "--model",
+                                        "gpt-mini",
+                                        "--global-batch",
+                                        "16",
+                                        "--steps",
+                                        "3",
+                                        "--eval-sequences",
+                                        "8",
+                                        "--run-dir",
+                                        dir + "/" + run_dir,
+                                        "--profile-dir",
+                                        dir + "/prof",
+                                        "--json"}));
+  };
+  const nlohmann::json j = tuned_run("run");
   ASSERT_EQ(j.at("ranks").size(), 2u) << j.dump();
   const auto& r0 = j.at("ranks")[0];
   const auto& r1 = j.at("ranks")[1];
@@ -166,26 +170,7 @@ TEST(Distributed, TheTunedPlanIsTheSameOnEveryRankAndFitsEach) {
   }
   EXPECT_FALSE(j.at("trials").empty()) << "rank 0 probed";
   // The profile knows the world size; a second run reuses it on both ranks.
-  const nlohmann::json again = parse_json(tu::run_autotune({"run",
-                                                            "--data",
-                                                            tu::corpus_path(),
-                                                            "--nproc",
-                                                            "2",
-                                                            "--budget",
-                                                            "300M",
-                                                            "--model",
-                                                            "gpt-mini",
-                                                            "--global-batch",
-                                                            "16",
-                                                            "--steps",
-                                                            "3",
-                                                            "--eval-sequences",
-                                                            "8",
-                                                            "--run-dir",
-                                                            dir + "/run2",
-                                                            "--profile-dir",
-                                                            dir + "/prof",
-                                                            "--json"}));
+  const nlohmann::json again = tuned_run("run2");
   EXPECT_TRUE(again.at("reused_profile").get<bool>());
   EXPECT_EQ(again.at("ranks")[1].at("plan"), r0.at("plan"));
   const std::string profile = tu::read_file(j.at("profile").get<std::string>());

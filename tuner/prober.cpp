@@ -243,6 +243,14 @@ Trial run_trial(Workload& workload, const Plan& plan, const ProbeOptions& opt, M
   return t;
 }
 
+Trial verify_plan(Workload& workload, const Plan& plan, const ProbeOptions& opt,
+                  MemoryMeter& meter) {
+  ProbeOptions verify = opt;
+  verify.measured_steps = 1;
+  verify.min_measure_s = 0;
+  return run_trial(workload, plan, verify, meter);
+}
+
 std::optional<Verified> verify_after_search(Workload& workload, const TunerResult& result,
                                             const ProbeOptions& probe, MemoryMeter& meter,
                                             const std::function<void()>& reapply_caps,
@@ -265,10 +273,8 @@ std::optional<Verified> verify_after_search(Workload& workload, const TunerResul
   std::vector<Plan> order = {chosen};
   if (fall_back)
     for (const auto& t : fitted) order.push_back(t.plan);
-  ProbeOptions verify = probe;
-  verify.measured_steps = 1;  // step 1 makes the AdamW states, step 2 reaches the full peak
   for (const Plan& plan : order) {
-    const Trial t = run_trial(workload, plan, verify, meter);
+    const Trial t = verify_plan(workload, plan, probe, meter);
     if (t.fits) {
       for (auto& trial : *trials)
         if (trial.plan == plan) trial.reason = "chosen";

@@ -4,6 +4,7 @@
 // MASTER_PORT.
 #pragma once
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -43,6 +44,7 @@ class Communicator {
   ~Communicator();
   int rank() const { return world_.rank; }
   int size() const { return world_.size; }
+  std::string backend() const;  // "gloo" or "nccl"
 
   // In place, from `root` to every rank.
   void broadcast(std::vector<torch::Tensor> tensors, int root = 0);
@@ -68,6 +70,8 @@ class Communicator {
 
  private:
   [[noreturn]] void lost(const std::exception& e) const;
+  // Runs `f`, a collective or store exchange; a failure becomes LostRank.
+  void guarded(const std::function<void()>& f) const;
   struct Impl;
   WorldInfo world_;
   std::chrono::milliseconds timeout_;

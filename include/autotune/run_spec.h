@@ -73,6 +73,10 @@ struct RunSpec {
 // --micro-batch x --grad-accum, or 32. Throws UsageError when --batch-tokens does not divide.
 int64_t resolve_global_batch(const RunSpec& spec, int64_t seq_len);
 
+// Data parallel: each of `ranks` trains an equal share of the global batch. Throws UsageError
+// naming the fix when it does not split.
+void check_splits_over_ranks(int64_t global_batch, int64_t ranks);
+
 // Resolves "auto"/"cpu"/"cuda:1"; throws UsageError when the device is not there.
 torch::Device resolve_device(const std::string& name);
 

@@ -91,6 +91,12 @@ double time_plan(Workload& workload, const Plan& plan, const ProbeOptions& opt, 
 // (fits = false, reason says so).
 Trial run_trial(Workload& workload, const Plan& plan, const ProbeOptions& opt, MemoryMeter& meter);
 
+// Whether `plan` fits as things stand: a trial of 2 steps (step 1 creates the AdamW states in its
+// optimizer phase, so only step 2 reaches parameters + gradients + states + activations). Only
+// its memory is used, so it is not re-timed (and ranks, with opt.comm, run the same steps).
+Trial verify_plan(Workload& workload, const Plan& plan, const ProbeOptions& opt,
+                  MemoryMeter& meter);
+
 struct TunerRequest {
   int64_t global_batch = 32;
   uint64_t budget_bytes = 0;
