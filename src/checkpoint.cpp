@@ -22,6 +22,13 @@ std::string checkpoint_dir(const std::string& run_dir) {
   return run_dir + "/checkpoints";
 }
 
+std::string optimizer_shard_path(const std::string& run_dir, int64_t step, int rank) {
+  char name[64];
+  std::snprintf(name, sizeof name, "optimizer_step_%08lld.rank%d.pt", static_cast<long long>(step),
+                rank);
+  return checkpoint_dir(run_dir) + "/" + name;
+}
+
 std::vector<std::string> list_checkpoints(const std::string& run_dir) {
   std::vector<std::string> out;
   std::error_code ec;
@@ -72,6 +79,27 @@ void write_archive(torch::serialize::OutputArchive& archive, const std::string& 
 }
 }  // namespace
 
+void save_optimizer_shard(const std::string& run_dir, int64_t step, int rank,
+                          torch::optim::Optimizer& optimizer) {
+  const std::string dir = checkpoint_dir(run_dir);
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  const std::string path = optimizer_shard_path(run_dir, step, rank);
+  try {
+    atomic_write_with(path, [&](const std::string& tmp) {
+      torch::serialize::OutputArchive archive, optim_archive;
+      optimizer.save(optim_archive);
+      archive.write("optimizer", optim_archive);
+      archive.write("meta", c10::IValue(nlohmann::json{{"step", step}, {"rank", rank}}.dump()));
+      write_archive(archive, tmp);
+    });
+  } catch (const RuntimeError& e) {
+    throw RuntimeError(std::string(e.what()) +
+                       "; free disk space or choose another --run-dir (the previous checkpoint "
+                       "is intact)");
+  }
+}
+
 std::string save_checkpoint(const std::string& run_dir, const CheckpointMeta& meta,
                             torch::nn::Module& model, torch::optim::Optimizer& optimizer,
                             const torch::Tensor& loss_scaler_state, int keep) {
@@ -98,6 +126,7 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointMeta& me
                           {"plan", meta.plan},
                           {"seed", meta.seed},
                           {"workload", meta.workload}};
+      if (meta.world_size != 1) m["world_size"] = meta.world_size;
       archive.write("meta", c10::IValue(m.dump()));
       archive.write("rng_cpu", at::detail::getDefaultCPUGenerator().get_state(),
                     /*is_buffer=*/true);
@@ -117,6 +146,17 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointMeta& me
   auto all = list_checkpoints(run_dir);
   for (size_t i = 0; keep > 0 && i + static_cast<size_t>(keep) < all.size(); ++i)
     fs::remove(all[i], ec);
+  // Optimizer shards of steps older than this one whose checkpoint is gone (pruned, or never
+  // written because the writer stopped between the shards and its file).
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    long long step = 0;
+    int rank = 0;
+    if (std::sscanf(name.c_str(), "optimizer_step_%lld.rank%d.pt", &step, &rank) != 2) continue;
+    char main_name[32];
+    std::snprintf(main_name, sizeof main_name, "step_%08lld.pt", step);
+    if (step < meta.step && !fs::exists(dir + "/" + main_name)) fs::remove(e.path(), ec);
+  }
   return path;
 }
 
@@ -130,6 +170,7 @@ CheckpointMeta parse_meta(torch::serialize::InputArchive& archive) {
   meta.plan = m.at("plan").get<Plan>();
   meta.seed = m.at("seed").get<uint64_t>();
   meta.workload = m.at("workload");
+  meta.world_size = m.value("world_size", 1);
   return meta;
 }
 }  // namespace
@@ -146,13 +187,19 @@ std::optional<CheckpointMeta> read_checkpoint_meta(const std::string& path) {
 
 CheckpointMeta load_checkpoint(const std::string& path, torch::nn::Module& model,
                                torch::optim::Optimizer& optimizer, torch::Tensor* loss_scaler_state,
-                               torch::Device device) {
+                               torch::Device device, const std::string& optimizer_path) {
   torch::serialize::InputArchive archive;
   archive.load_from(path);
   CheckpointMeta meta = parse_meta(archive);
   torch::serialize::InputArchive model_archive, optim_archive;
   archive.read("model", model_archive);
-  archive.read("optimizer", optim_archive);
+  if (optimizer_path.empty()) {
+    archive.read("optimizer", optim_archive);
+  } else {
+    torch::serialize::InputArchive shard;
+    shard.load_from(optimizer_path);
+    shard.read("optimizer", optim_archive);
+  }
   model.load(model_archive);
   optimizer.load(optim_archive);
   torch::Tensor rng;

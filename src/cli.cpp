@@ -83,7 +83,10 @@ void add_common(cxxopts::Options& o) {
       "grad-accum", "micro-batches per optimizer step; default global / micro-batch", text())(
       "precision", "fp32 | bf16 | fp16; default fp32 (train), searched (run, probe)", text())(
       "checkpointing", "on | off: recompute activations in backward; default off", text())(
-      "seq-len", "tokens per sequence; default the model's", text())(
+      "shard-optimizer",
+      "on | off: split the AdamW states over the ranks (ZeRO-1); default searched with "
+      "--nproc",
+      text())("seq-len", "tokens per sequence; default the model's", text())(
       "d-model",
       "model width (a plan a profile holds after --allow-shrink width); default the "
       "model's",
@@ -220,6 +223,12 @@ RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r) {
       throw UsageError("invalid --checkpointing '" + v + "': use on or off");
     s.checkpointing = v == "on";
   }
+  if (r.count("shard-optimizer")) {
+    auto v = r["shard-optimizer"].as<std::string>();
+    if (v != "on" && v != "off")
+      throw UsageError("invalid --shard-optimizer '" + v + "': use on or off");
+    s.shard_optimizer = v == "on";
+  }
   if (r.count("mode")) {
     auto m = r["mode"].as<std::string>();
     const auto mode = parse_mode(m);
@@ -258,6 +267,11 @@ RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r) {
   positive("dist-timeout", s.dist_timeout_s);
   if (s.nproc > 1 && command != "run" && command != "probe")
     throw UsageError("--nproc works with autotune run and probe; drop it from " + command);
+  if (s.shard_optimizer && command != "run" && command != "probe")
+    throw UsageError(
+        "--shard-optimizer works with autotune run and probe (with --nproc); drop it "
+        "from " +
+        command);
   if (s.eval_every < 0 || s.checkpoint_every < 0 || s.eval_sequences < 0)
     throw UsageError("--eval-every, --checkpoint-every and --eval-sequences must be >= 0");
   if (!(s.lr > 0 && s.lr < 10)) throw UsageError("--lr must be in (0, 10)");

@@ -254,6 +254,53 @@ void Communicator::average_gradients(const std::vector<torch::Tensor>& params,
   ++allreduce_calls_;
 }
 
+void Communicator::broadcast_shards(const std::vector<torch::Tensor>& params,
+                                    const std::vector<int>& owners, int64_t bucket_bytes) {
+  const auto t0 = std::chrono::steady_clock::now();
+  torch::NoGradGuard no_grad;
+  auto flush = [&](std::vector<torch::Tensor>& bucket, int root) {
+    if (bucket.empty()) return;
+    std::vector<torch::Tensor> pieces;
+    for (auto& p : bucket) pieces.push_back(p.detach().reshape(-1));
+    // [sum of numel]: the owner's updated values; the others' copy is overwritten.
+    at::Tensor flat = torch::cat(pieces);
+    guarded([&] {
+      std::vector<at::Tensor> one{flat};
+      c10d::BroadcastOptions o;
+      o.rootRank = root;
+      impl_->pg->broadcast(one, o)->wait();
+    });
+    if (world_.rank != root) {
+      int64_t at = 0;
+      for (auto& p : bucket) {
+        p.detach().copy_(flat.narrow(0, at, p.numel()).view_as(p));
+        at += p.numel();
+      }
+    }
+    bucket.clear();
+  };
+  for (int root = 0; root < world_.size; ++root) {
+    std::vector<torch::Tensor> bucket;
+    int64_t bytes = 0;
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (owners[i] != root) continue;
+      const auto& p = params[i];
+      const int64_t b = p.numel() * static_cast<int64_t>(p.element_size());
+      if (!bucket.empty() &&
+          (bytes + b > bucket_bytes || p.scalar_type() != bucket[0].scalar_type() ||
+           p.device() != bucket[0].device())) {
+        flush(bucket, root);
+        bytes = 0;
+      }
+      bucket.push_back(p);
+      bytes += b;
+    }
+    flush(bucket, root);
+  }
+  broadcast_seconds_ +=
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
 torch::Tensor Communicator::average(const torch::Tensor& t) {
   at::Tensor sum = t.detach().clone();
   guarded([&] { impl_->all_reduce(sum); });

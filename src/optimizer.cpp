@@ -1,6 +1,8 @@
 #include "autotune/optimizer.h"
 
+#include <algorithm>
 #include <memory>
+#include <numeric>
 #include <tuple>
 
 namespace autotune {
@@ -78,6 +80,40 @@ torch::Tensor clip_grad_norm(const std::vector<torch::Tensor>& params, double ma
   const torch::Tensor coef = (max_norm / (total + 1e-6)).clamp_max(1.0);
   at::_foreach_mul_(grads, coef);
   return total;
+}
+
+std::vector<int> shard_owners(const std::vector<torch::Tensor>& params, int shards) {
+  std::vector<size_t> order(params.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return params[a].numel() > params[b].numel(); });
+  std::vector<int64_t> held(static_cast<size_t>(shards), 0);
+  std::vector<int> owners(params.size(), 0);
+  for (size_t i : order) {
+    const int r = static_cast<int>(std::min_element(held.begin(), held.end()) - held.begin());
+    owners[i] = r;
+    held[static_cast<size_t>(r)] += params[i].numel();
+  }
+  return owners;
+}
+
+int heaviest_shard(const std::vector<torch::Tensor>& params, const std::vector<int>& owners,
+                   int shards) {
+  std::vector<int64_t> held(static_cast<size_t>(shards), 0);
+  for (size_t i = 0; i < params.size(); ++i)
+    held[static_cast<size_t>(owners[i])] += params[i].numel();
+  return static_cast<int>(std::max_element(held.begin(), held.end()) - held.begin());
+}
+
+int64_t optimizer_state_bytes(torch::optim::Optimizer& optimizer) {
+  int64_t bytes = 0;
+  for (const auto& [key, state] : optimizer.state()) {
+    const auto* s = dynamic_cast<const torch::optim::AdamWParamState*>(state.get());
+    if (!s) continue;
+    for (const auto& t : {s->exp_avg(), s->exp_avg_sq()})
+      if (t.defined()) bytes += static_cast<int64_t>(t.nbytes());
+  }
+  return bytes;
 }
 
 }  // namespace autotune

@@ -31,13 +31,14 @@ std::string Plan::describe() const {
     << " checkpointing=" << (checkpointing ? "on" : "off");
   if (seq_len) o << " seq_len=" << seq_len;
   if (d_model) o << " d_model=" << d_model;
+  if (optimizer_shards > 1) o << " optimizer_shards=" << optimizer_shards;
   return o.str();
 }
 
 bool Plan::operator==(const Plan& o) const {
   return micro_batch == o.micro_batch && grad_accum == o.grad_accum && precision == o.precision &&
          checkpointing == o.checkpointing && seq_len == o.seq_len && d_model == o.d_model &&
-         eval_batch == o.eval_batch;
+         eval_batch == o.eval_batch && optimizer_shards == o.optimizer_shards;
 }
 
 void to_json(nlohmann::json& j, const Plan& p) {
@@ -48,6 +49,7 @@ void to_json(nlohmann::json& j, const Plan& p) {
                      {"seq_len", p.seq_len},
                      {"d_model", p.d_model},
                      {"eval_batch", p.eval_batch}};
+  if (p.optimizer_shards != 1) j["optimizer_shards"] = p.optimizer_shards;  // older files lack it
 }
 
 void from_json(const nlohmann::json& j, Plan& p) {
@@ -58,7 +60,9 @@ void from_json(const nlohmann::json& j, Plan& p) {
   p.seq_len = j.value("seq_len", int64_t{0});
   p.d_model = j.value("d_model", int64_t{0});
   p.eval_batch = j.value("eval_batch", int64_t{0});
-  if (p.micro_batch < 1 || p.grad_accum < 1 || p.seq_len < 0 || p.d_model < 0 || p.eval_batch < 0)
+  p.optimizer_shards = j.value("optimizer_shards", int64_t{1});
+  if (p.micro_batch < 1 || p.grad_accum < 1 || p.seq_len < 0 || p.d_model < 0 || p.eval_batch < 0 ||
+      p.optimizer_shards < 1)
     throw UsageError("plan has a non-positive micro_batch/grad_accum or a negative size");
 }
 

@@ -42,14 +42,17 @@ std::string esc(const std::string& s) {
   return o;
 }
 
-std::string pair_name(Precision p, bool ckpt, int64_t seq_len, int64_t d_model) {
+std::string pair_name(Precision p, bool ckpt, int64_t seq_len, int64_t d_model,
+                      int64_t optimizer_shards) {
   std::string s = to_string(p) + (ckpt ? " / checkpointing" : " / no checkpointing");
+  if (optimizer_shards > 1)
+    s += " / optimizer states over " + std::to_string(optimizer_shards) + " ranks";
   if (seq_len) s += " / seq " + std::to_string(seq_len);
   if (d_model) s += " / width " + std::to_string(d_model);
   return s;
 }
 std::string pair_name(const Plan& p) {
-  return pair_name(p.precision, p.checkpointing, p.seq_len, p.d_model);
+  return pair_name(p.precision, p.checkpointing, p.seq_len, p.d_model, p.optimizer_shards);
 }
 
 std::string outcome_class(const Trial& t) {
@@ -165,7 +168,8 @@ std::vector<Series> series_of(const Profile& p) {
   };
   for (const auto& t : p.trials) find(pair_name(t.plan)).trials.push_back(&t);
   for (const auto& l : p.search_lines) {
-    Series& s = find(pair_name(l.precision, l.checkpointing, l.seq_len, l.d_model));
+    Series& s =
+        find(pair_name(l.precision, l.checkpointing, l.seq_len, l.d_model, l.optimizer_shards));
     if (!s.line || l.measured) s.line = &l;
   }
   return out;

@@ -44,6 +44,7 @@ Fingerprint make_fingerprint(RunContext& ctx, int64_t global_batch) {
   if (s.micro_batch) pins["micro_batch"] = *s.micro_batch;
   if (s.precision) pins["precision"] = to_string(*s.precision);
   if (s.checkpointing) pins["checkpointing"] = *s.checkpointing;
+  if (s.shard_optimizer) pins["shard_optimizer"] = *s.shard_optimizer;
   if (s.seq_len) pins["seq_len"] = *s.seq_len;
   if (s.d_model) pins["d_model"] = *s.d_model;
   if (s.eval_batch) pins["eval_batch"] = *s.eval_batch;
@@ -94,6 +95,10 @@ int64_t checked_global_batch(const RunContext& ctx) {
       resolve_global_batch(spec, spec.seq_len.value_or(ctx.workload().default_seq_len()));
   const int world = ctx.world_size();
   check_splits_over_ranks(global_batch, world);
+  if (spec.shard_optimizer.value_or(false) && world == 1)
+    throw UsageError(
+        "--shard-optimizer on splits the optimizer states over ranks; add --nproc N (N > 1) "
+        "or drop it");
   if (spec.micro_batch && (global_batch / world) % *spec.micro_batch != 0)
     throw UsageError("--global-batch " + std::to_string(global_batch) +
                      " is not reachable with --micro-batch " + std::to_string(*spec.micro_batch) +
@@ -226,6 +231,8 @@ Probed probe_and_choose(RunContext& ctx, const ProfileStore& store, const std::s
   req.d_model = spec.d_model;
   req.precision = spec.precision;
   req.checkpointing = spec.checkpointing;
+  req.world_size = fp.world_size;
+  req.shard_optimizer = spec.shard_optimizer;
   req.allow_shrink_seq = spec.allow_shrink_seq;
   req.allow_shrink_width = spec.allow_shrink_width;
   req.start_small = ctx.policy().start_small;
@@ -382,14 +389,23 @@ Profile share_profile(RunContext& ctx, std::optional<Profile> profile, const Pro
 
 // Rank 0's --json summary gathers every rank's figures.
 nlohmann::json rank_figures(RunContext& ctx, const RunSummary& s, uint64_t verified_peak) {
+  // The tensors' own peak: the counting allocator's on CPU, the caching allocator's allocated
+  // bytes on an accelerator (what sharding the optimizer states lowers, without the process).
+  const nlohmann::json mem = ctx.monitor()->to_json();
+  const uint64_t peak_tensor_bytes =
+      ctx.device().is_cpu() ? mem.at("host").value("peak_tensor_bytes", uint64_t{0})
+                            : mem.at("device").value("peak_allocated_bytes", uint64_t{0});
   nlohmann::json mine = {{"rank", ctx.rank()},
                          {"peak_budget_bytes", ctx.monitor()->peak_budget_bytes()},
+                         {"peak_tensor_bytes", peak_tensor_bytes},
                          {"verified_peak_bytes", verified_peak},
                          {"tokens_per_s", s.tokens_per_s},
                          {"plan", s.plan},
                          {"params_digest", s.params_digest},
                          {"allreduce_s", s.allreduce_s},
                          {"allreduce_calls", s.allreduce_calls},
+                         {"optimizer_state_bytes", s.optimizer_state_bytes},
+                         {"broadcast_s", s.broadcast_s},
                          {"oom_recoveries", s.recoveries.size()}};
   nlohmann::json all = nlohmann::json::array();
   for (const auto& t : ctx.comm()->gather_text("summary", mine.dump(), 0, std::chrono::minutes(10)))

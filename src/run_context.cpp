@@ -268,6 +268,10 @@ void RunContext::print_settings(const Plan& plan, const std::string& plan_source
                       : "-"},
       {"precision", to_string(plan.precision)},
       {"checkpointing", plan.checkpointing ? "on" : "off"},
+      {"optimizer states", plan.optimizer_shards > 1
+                               ? "split over " + std::to_string(plan.optimizer_shards) +
+                                     " ranks (ZeRO-1: each updates its share, then broadcasts it)"
+                               : "whole on every rank"},
       {"steps", std::to_string(spec_.steps)},
       {"lr", fmt::format("{:.1e} (warmup, cosine to {:.1e})", spec_.lr, spec_.lr / 10)},
       {"seed", std::to_string(spec_.seed)},
@@ -367,7 +371,10 @@ nlohmann::json RunContext::summary_json(const RunSummary& s) const {
       {"rank", rank()},
       {"effective_batch", world_size() * s.plan.global_batch()},
       {"allreduce_s", s.allreduce_s},
-      {"allreduce_calls", s.allreduce_calls}};
+      {"allreduce_calls", s.allreduce_calls},
+      {"optimizer_shards", s.plan.optimizer_shards},
+      {"optimizer_state_bytes", s.optimizer_state_bytes},
+      {"broadcast_s", s.broadcast_s}};
 }
 
 int RunContext::exit_code(const RunSummary& s) const {

@@ -8,7 +8,10 @@
 
 #include <chrono>
 #include <cmath>
+#include <filesystem>
 #include <optional>
+
+#include <spdlog/spdlog.h>
 
 #include "autotune/checkpoint.h"
 #include "autotune/cpu_allocator.h"
@@ -104,6 +107,15 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
   cpu_alloc::CachingScope caching;
   const bool can_checkpoint = workload.knobs().checkpointing;
 
+  Communicator* comm = opt.comm;
+  const int world = comm ? comm->size() : 1, rank = comm ? comm->rank() : 0;
+  // ZeRO-1 checkpoints: every rank's optimizer shard of the step is on disk.
+  auto shards_complete = [&](const std::string& path, const CheckpointMeta& meta) {
+    for (int r = 1; r < meta.plan.optimizer_shards; ++r)
+      if (!std::filesystem::exists(optimizer_shard_path(opt.run_dir, meta.step, r))) return false;
+    return true;
+  };
+
   // ---- resume: the checkpoint's plan wins (it may be a safer plan found by OOM recovery) ----
   std::string resume_from;
   if (opt.resume) {
@@ -115,6 +127,15 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
         if (meta->workload != workload.config())
           throw UsageError("checkpoint " + *it + " belongs to a different model or data; " +
                            "use the same --model and --data, or a new --run-dir");
+        if (meta->world_size != world)
+          throw UsageError("checkpoint " + *it + " was written by " +
+                           std::to_string(meta->world_size) + " rank(s), this run has " +
+                           std::to_string(world) + "; resume it with --nproc " +
+                           std::to_string(meta->world_size));
+        if (!shards_complete(*it, *meta)) {
+          spdlog::warn("checkpoint {} lacks a rank's optimizer shard; trying the one before", *it);
+          continue;
+        }
         if (meta->plan.global_batch() != plan.global_batch())
           throw UsageError("checkpoint " + *it + " has global batch " +
                            std::to_string(meta->plan.global_batch()) + ", this run asks " +
@@ -134,36 +155,68 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
   auto adamw = [&](double wd) {
     return torch::optim::AdamWOptions(opt.lr).betas({opt.beta1, opt.beta2}).weight_decay(wd);
   };
+  const auto params = model->parameters();
+  // ZeRO-1 (plan.optimizer_shards > 1): this rank's optimizer holds and updates only the
+  // parameters of its shard; the owners broadcast them after each update. A probe trial without
+  // the other ranks measures the heaviest shard's rank (the others' parameters stay unchanged).
+  const int shards = static_cast<int>(plan.optimizer_shards);
+  if (shards > 1 && comm && shards != world)
+    throw UsageError("the plan splits the optimizer states over " + std::to_string(shards) +
+                     " ranks but this run has " + std::to_string(world) + "; run it with --nproc " +
+                     std::to_string(shards) + " or re-probe");
+  std::vector<int> owners;
+  int my_shard = rank;
+  if (shards > 1) {
+    owners = shard_owners(params, shards);
+    if (!comm) my_shard = heaviest_shard(params, owners, shards);
+  }
+  auto in_my_shard = [&](std::vector<torch::Tensor> ps) {
+    if (shards <= 1) return ps;
+    std::vector<torch::Tensor> mine;
+    for (const auto& p : ps)
+      for (size_t i = 0; i < params.size(); ++i)
+        if (params[i].is_same(p) && owners[i] == my_shard) mine.push_back(p);
+    return mine;
+  };
   std::vector<torch::optim::OptimizerParamGroup> groups;
-  groups.emplace_back(model->decay_parameters(),
+  groups.emplace_back(in_my_shard(model->decay_parameters()),
                       std::make_unique<torch::optim::AdamWOptions>(adamw(opt.weight_decay)));
-  groups.emplace_back(model->no_decay_parameters(),
+  groups.emplace_back(in_my_shard(model->no_decay_parameters()),
                       std::make_unique<torch::optim::AdamWOptions>(adamw(0.0)));
   FusedAdamW optimizer(std::move(groups), adamw(opt.weight_decay));
-  const auto params = model->parameters();
   LossScaler scaler(opt.device, plan.precision == Precision::fp16);
 
   RunSummary summary;
   int64_t step = 0;
   if (!resume_from.empty()) {
     torch::Tensor scaler_state;
-    step = load_checkpoint(resume_from, *model, optimizer, &scaler_state, opt.device).step;
+    const std::string shard_file =
+        shards > 1 && rank > 0
+            ? optimizer_shard_path(opt.run_dir, read_checkpoint_meta(resume_from)->step, rank)
+            : std::string();
+    step =
+        load_checkpoint(resume_from, *model, optimizer, &scaler_state, opt.device, shard_file).step;
     if (scaler.enabled() && scaler_state.numel() == 2) scaler.load_state(scaler_state);
   } else {
     torch::manual_seed(opt.seed);  // dropout masks are reproducible from the seed
   }
-  Communicator* comm = opt.comm;
-  const int world = comm ? comm->size() : 1, rank = comm ? comm->rank() : 0;
   if (comm) comm->broadcast(params);  // every rank starts from rank 0's parameters
   const double allreduce_s0 = comm ? comm->allreduce_seconds() : 0;
   const int64_t allreduce_calls0 = comm ? comm->allreduce_calls() : 0;
+  const double broadcast_s0 = comm ? comm->broadcast_seconds() : 0;
   summary.first_step = step;
   notify([&](TrainObserver& o) { o.on_start(plan, opt, step); });
 
-  // Rank 0 writes the checkpoints (rank 1 when rank 0 was lost).
+  // Rank 0 writes the checkpoints (rank 1 when rank 0 was lost). With ZeRO-1 every other rank
+  // first writes its optimizer shard, so the writer's file appears only when all shards exist.
   auto checkpoint = [&](int writer = 0) {
-    if (opt.run_dir.empty() || rank != writer) return;
-    CheckpointMeta meta{step, plan, opt.seed, workload.config(), opt.device};
+    if (opt.run_dir.empty()) return;
+    if (shards > 1 && comm) {
+      if (rank != writer) save_optimizer_shard(opt.run_dir, step, rank, optimizer);
+      comm->barrier();
+    }
+    if (rank != writer) return;
+    CheckpointMeta meta{step, plan, opt.seed, workload.config(), opt.device, world};
     summary.last_checkpoint =
         save_checkpoint(opt.run_dir, meta, *model, optimizer, scaler.state(), opt.keep_checkpoints);
     model->export_to(opt.run_dir);
@@ -219,7 +272,16 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
   // A lost rank stops the run; the parameters and optimizer state are still those of the last
   // completed step, so the surviving writer saves them first.
   auto save_after_lost = [&](const LostRank& lost) {
-    if (step > summary.first_step) checkpoint(lost.rank0_lost ? 1 : 0);
+    if (step <= summary.first_step) return;
+    if (shards > 1) {
+      // The lost rank's optimizer shard is gone with it.
+      if (rank == 0)
+        spdlog::warn(
+            "the optimizer states are split over the ranks: the last step's cannot be "
+            "saved without the lost rank; --resume continues from the last checkpoint");
+      return;
+    }
+    checkpoint(lost.rank0_lost ? 1 : 0);
   };
   while (step < opt.steps) {
     int stop = opt.stop_signal ? opt.stop_signal->load() : 0;
@@ -239,7 +301,7 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
     Phase phase = Phase::forward;
     bool agreed = false;  // data parallel: the ranks agreed this step has no OOM
     try {
-      optimizer.zero_grad(/*set_to_none=*/true);
+      model->zero_grad(/*set_to_none=*/true);  // every parameter's (not only this shard's)
       torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions(opt.device));  // [] fp32
       // (Fetching counts as the forward: a prefetch that ran out of memory surfaces here.)
       Batch batch = ahead ? std::move(*ahead) : fetch(step, 0);
@@ -289,6 +351,7 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
       if (finite) {
         if (opt.grad_clip > 0) grad_norm = clip_grad_norm(params, opt.grad_clip);
         optimizer.step();
+        if (comm && shards > 1) comm->broadcast_shards(params, owners);
       }
       notify([&](TrainObserver& o) { o.on_phase_end(phase, step); });
       if (opt.synchronize_steps) synchronize(opt.device);
@@ -326,7 +389,7 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
       // Drop the partial gradients, release memory, step down the ladder and re-run this same
       // step on the same samples: no step and no sample is lost.
       ahead.reset();
-      optimizer.zero_grad(/*set_to_none=*/true);
+      model->zero_grad(/*set_to_none=*/true);
       release_cached_memory(opt.device);
       if (!opt.recover_oom) throw;  // probe trials: the caller records the OOM by its type
       Plan next;
@@ -370,7 +433,9 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
   if (comm) {
     summary.allreduce_s = comm->allreduce_seconds() - allreduce_s0;
     summary.allreduce_calls = comm->allreduce_calls() - allreduce_calls0;
+    summary.broadcast_s = comm->broadcast_seconds() - broadcast_s0;
   }
+  summary.optimizer_state_bytes = optimizer_state_bytes(optimizer);
   summary.steps_done = step;
   summary.tokens_per_s =
       train_seconds > 0 ? static_cast<double>(summary.tokens) / train_seconds : 0;

@@ -351,3 +351,85 @@ TEST(Distributed, AStoppedRunResumesOnEveryRankExactly) {
   EXPECT_EQ(resumed.at("params_digest"), full.at("params_digest"))
       << "the resumed run trained a different model";
 }
+
+TEST(Distributed, SplitOptimizerStatesTrainTheSameParametersWithHalfTheStatesPerRank) {
+  // ZeRO-1: each rank keeps and updates the AdamW states of its half of the parameters, then
+  // broadcasts them. Same ranks, same samples, same plan otherwise as the unsplit run.
+  const std::string whole_dir = tu::temp_dir("dp-whole"), split_dir = tu::temp_dir("dp-split");
+  auto split_args = pinned_run(split_dir, 4, 2);
+  split_args.insert(split_args.end(), {"--shard-optimizer", "on"});
+  auto whole_args = pinned_run(whole_dir, 4, 2);
+  whole_args.insert(whole_args.end(), {"--shard-optimizer", "off"});
+  const nlohmann::json whole = parse_json(tu::run_autotune(whole_args));
+  const nlohmann::json split = parse_json(tu::run_autotune(split_args));
+  ASSERT_EQ(split.at("ranks").size(), 2u) << split.dump();
+  ASSERT_EQ(whole.at("ranks").size(), 2u) << whole.dump();
+  EXPECT_EQ(split.at("plan").at("optimizer_shards"), 2);
+  EXPECT_EQ(whole.at("plan").value("optimizer_shards", 1), 1);
+
+  // The same parameters: AdamW is elementwise, and every rank clips with the same global norm.
+  const auto a = checkpoint_parameters(whole_dir + "/run");
+  const auto b = checkpoint_parameters(split_dir + "/run");
+  ASSERT_EQ(a.size(), b.size());
+  ASSERT_FALSE(a.empty());
+  double worst = 0;
+  for (const auto& [name, t] : a)
+    worst = std::max(worst, (t - b.at(name)).abs().max().item<double>());
+  std::printf("largest parameter difference, whole vs split states: %.3g\n", worst);
+  EXPECT_LE(worst, 1e-6);
+  EXPECT_EQ(split.at("ranks")[0].at("params_digest"), split.at("ranks")[1].at("params_digest"));
+
+  // Half the states per rank, all of them between the ranks, and a tensor peak lower by that.
+  const int64_t all_states = whole.at("ranks")[0].at("optimizer_state_bytes");
+  int64_t sum = 0;
+  for (int r = 0; r < 2; ++r) {
+    const auto& w = whole.at("ranks")[r];
+    const auto& s = split.at("ranks")[r];
+    const int64_t mine = s.at("optimizer_state_bytes");
+    sum += mine;
+    std::printf("rank %d: states %lld of %lld bytes, tensor peak %lld vs %lld bytes\n", r,
+                static_cast<long long>(mine), static_cast<long long>(all_states),
+                static_cast<long long>(s.at("peak_tensor_bytes").get<int64_t>()),
+                static_cast<long long>(w.at("peak_tensor_bytes").get<int64_t>()));
+    EXPECT_EQ(w.at("optimizer_state_bytes"), all_states);
+    EXPECT_GT(mine, 0.4 * static_cast<double>(all_states)) << s.dump();
+    EXPECT_LT(mine, 0.6 * static_cast<double>(all_states)) << s.dump();
+    EXPECT_LE(s.at("peak_tensor_bytes").get<int64_t>() + (all_states - mine) * 8 / 10,
+              w.at("peak_tensor_bytes").get<int64_t>())
+        << "the tensor peak did not drop by the states this rank no longer keeps";
+    EXPECT_GT(s.at("broadcast_s").get<double>(), 0) << "the updated parameters were broadcast";
+  }
+  EXPECT_EQ(sum, all_states);
+  EXPECT_TRUE(
+      std::filesystem::exists(split_dir + "/run/checkpoints/optimizer_step_00000006.rank1.pt"))
+      << "rank 1 keeps its share of the states beside rank 0's checkpoint";
+}
+
+TEST(Distributed, SplitOptimizerStatesResumeExactlyAndOnlyWithEveryShard) {
+  // A 6-step run with checkpoints at steps 3 and 6. Removing step 6's rank-1 shard stands for a
+  // run stopped between the shards and rank 0's file: resume must skip step 6 (its states are
+  // not all there), continue from step 3, and end on the parameters of the run never stopped.
+  const std::string dir = tu::temp_dir("dp-split-resume");
+  auto args = pinned_run(dir, 4, 2);
+  args.insert(args.end(), {"--shard-optimizer", "on", "--checkpoint-every", "3"});
+  const nlohmann::json full = parse_json(tu::run_autotune(args));
+  const std::string ck = dir + "/run/checkpoints/";
+  ASSERT_TRUE(std::filesystem::exists(ck + "step_00000003.pt"));
+  ASSERT_TRUE(std::filesystem::remove(ck + "optimizer_step_00000006.rank1.pt"));
+
+  auto resume = args;
+  resume.push_back("--resume");
+  const tu::ProcessResult r = tu::run_autotune(resume);
+  const nlohmann::json resumed = parse_json(r);
+  EXPECT_EQ(resumed.at("first_step"), 3) << r.err;
+  EXPECT_NE(r.err.find("lacks a rank's optimizer shard"), std::string::npos) << r.err;
+  EXPECT_EQ(resumed.at("params_digest"), full.at("params_digest"))
+      << "the resumed run trained a different model";
+
+  // One process cannot resume states split over two ranks: one line naming the fix.
+  auto alone = pinned_run(dir, 4, 1);
+  alone.insert(alone.end(), {"--resume"});
+  const tu::ProcessResult one = tu::run_autotune(alone);
+  EXPECT_EQ(one.exit_code, 2) << one.err;
+  EXPECT_NE(one.err.find("resume it with --nproc 2"), std::string::npos) << one.err;
+}

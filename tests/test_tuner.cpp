@@ -474,3 +474,69 @@ TEST(Tuner, TheBoundaryAboveTheChosenMicroBatchIsMeasuredNotOnlyPredicted) {
   ASSERT_EQ(r.lines.size(), 1u);
   EXPECT_TRUE(r.lines[0].measured);
 }
+
+TEST(Tuner, SplitOptimizerStatesAreSearchedOnlyWhereMemoryRefusedAPlan) {
+  AUTOTUNE_SKIP_UNDER_ASAN();
+  Fixture f;
+  // gpt-10m: 85 MB of AdamW states; split over 2 ranks (ZeRO-1) each keeps about half. A probe
+  // trial of a split plan is rank 0 alone, holding the heaviest rank's share.
+  GptWorkload big(load_gpt_config("gpt-10m"), TokenFile::open(tu::corpus_path()), 1);
+  auto plan_of = [](int64_t shards) {
+    Plan p;
+    p.micro_batch = 1;
+    p.grad_accum = 2;
+    p.optimizer_shards = shards;
+    return p;
+  };
+  ProbeOptions free;
+  free.usable_bytes = UINT64_MAX;
+  free.measured_steps = 0;
+  run_trial(big, plan_of(1), free, f.meter);  // this model's one-time growth, outside the figures
+  free.measured_steps = 2;
+  auto peak_of = [&](int64_t shards) {
+    f.meter.remeasure_baseline();
+    return run_trial(big, plan_of(shards), free, f.meter).peak_bytes;
+  };
+  const uint64_t whole = peak_of(1), split = peak_of(2);
+  const double states = 8.0 * static_cast<double>(big.estimate_terms(plan_of(1)).n_params);
+  std::printf("peak with whole states %.1f MiB, split over 2: %.1f MiB (states %.1f MiB)\n",
+              static_cast<double>(whole) / kMiB, static_cast<double>(split) / kMiB, states / kMiB);
+  ASSERT_LT(static_cast<double>(split) + 0.4 * states, static_cast<double>(whole))
+      << "splitting the states did not save most of their half";
+
+  auto tune_at = [&](uint64_t usable, int64_t world) {
+    f.meter.remeasure_baseline();
+    auto req = f.request(usable - f.meter.baseline_bytes());
+    req.global_batch = 2;
+    req.micro_batch = 1;
+    req.precision = Precision::fp32;
+    req.checkpointing = false;
+    req.world_size = world;
+    TunerResult r = tune(big, req, f.meter);
+    expect_invariants(r, req);
+    return r;
+  };
+  auto split_trials = [](const TunerResult& r) {
+    int n = 0;
+    for (const auto& t : r.trials) n += t.plan.optimizer_shards > 1;
+    return n;
+  };
+  // Between the two peaks: the whole states are refused, the split plan is chosen.
+  const TunerResult between = tune_at((whole + split) / 2, 2);
+  print("between", between);
+  ASSERT_TRUE(between.plan) << between.infeasible_message;
+  EXPECT_EQ(between.plan->optimizer_shards, 2);
+  ASSERT_FALSE(between.trials.empty());
+  EXPECT_EQ(between.trials.front().plan.optimizer_shards, 1) << "whole states are tried first";
+  EXPECT_FALSE(between.trials.front().fits);
+  // Room for the whole states: no split plan is even tried (its broadcast would cost every step).
+  const TunerResult roomy = tune_at(whole + whole / 5, 2);
+  print("roomy", roomy);
+  ASSERT_TRUE(roomy.plan);
+  EXPECT_EQ(roomy.plan->optimizer_shards, 1);
+  EXPECT_EQ(split_trials(roomy), 0);
+  // One rank has nothing to split over: infeasible, never a split plan.
+  const TunerResult alone = tune_at((whole + split) / 2, 1);
+  EXPECT_FALSE(alone.plan);
+  EXPECT_EQ(split_trials(alone), 0);
+}

@@ -1,5 +1,7 @@
 #include "autotune/estimator.h"
 
+#include <algorithm>
+
 #include <spdlog/spdlog.h>
 
 #include "autotune/memory.h"
@@ -42,7 +44,12 @@ Estimate estimate_memory(const Workload& workload, const Plan& plan, uint64_t ba
   const double P = static_cast<double>(t.n_params);
   // fp32 master weights and AdamW's exp_avg + exp_avg_sq (from the first optimizer step on);
   // fp32 gradients only from the backward to the optimizer step.
-  const double params = 4 * P, grads = 4 * P, optimizer = 8 * P;
+  // ZeRO-1 keeps 1/shards of the states on each rank (whole tensors: the heaviest rank holds a
+  // little more) and adds the flat copy of one broadcast bucket (<= 25 MiB) in the optimizer step.
+  const double shards = static_cast<double>(plan.optimizer_shards);
+  const double params = 4 * P, grads = 4 * P, optimizer = 8 * P / shards;
+  const double broadcast_bucket =
+      plan.optimizer_shards > 1 ? std::min(4 * P / shards, 25.0 * 1048576) : 0.0;
   double activations = 0;
   for (const auto& term : t.terms) activations += term.bytes;
   // The three candidate peaks of a step:
@@ -57,7 +64,7 @@ Estimate estimate_memory(const Workload& workload, const Plan& plan, uint64_t ba
   // The autocast weight copies die with the forward's autocast scope (the saved ones are
   // released as backward consumes them), so they are not part of the backward's end.
   const double backward_end = params + optimizer + grads + t.backward_tail_bytes;
-  const double optimizer_step = params + optimizer + grads;
+  const double optimizer_step = params + optimizer + grads + broadcast_bucket;
   double peak = std::max({forward_end, backward_end, optimizer_step});
   e.peak_phase =
       peak == forward_end ? "forward" : (peak == backward_end ? "backward" : "optimizer");
@@ -70,6 +77,8 @@ Estimate estimate_memory(const Workload& workload, const Plan& plan, uint64_t ba
   } else {
     lines.push_back({"grads", grads});
     if (e.peak_phase == "backward") lines.push_back({"backward tail", t.backward_tail_bytes});
+    if (e.peak_phase == "optimizer" && broadcast_bucket > 0)
+      lines.push_back({"broadcast bucket", broadcast_bucket});
   }
   if (t.weight_copy_bytes > 0 && e.peak_phase == "forward")
     lines.push_back({"autocast weight copies", t.weight_copy_bytes});

@@ -53,6 +53,7 @@ void to_json(nlohmann::json& j, const SearchLine& l) {
        {"a_bytes", l.a_bytes},
        {"b_bytes", l.b_bytes},
        {"measured", l.measured}};
+  if (l.optimizer_shards != 1) j["optimizer_shards"] = l.optimizer_shards;
 }
 
 void from_json(const nlohmann::json& j, SearchLine& l) {
@@ -63,6 +64,7 @@ void from_json(const nlohmann::json& j, SearchLine& l) {
   l.a_bytes = j.at("a_bytes").get<double>();
   l.b_bytes = j.at("b_bytes").get<double>();
   l.measured = j.value("measured", false);
+  l.optimizer_shards = j.value("optimizer_shards", int64_t{1});
 }
 
 namespace {

@@ -38,7 +38,14 @@ constexpr double kNoiseFraction = 0.15;
 struct Pair {
   Precision precision;
   bool checkpointing;
+  int64_t shards = 1;  // Plan::optimizer_shards
 };
+
+// A plan with the optimizer states split over the ranks (ZeRO-1) is measured in a trial of rank
+// 0 alone, without the broadcast of the updated parameters that every step adds: it has to be
+// this much faster than the best plan without the split to be chosen (the broadcast took a few
+// percent of a gpt-mini step on loopback Gloo, docs/BENCHMARKS.md; more on slower links).
+constexpr double kShardedSpeedMargin = 0.10;
 
 // Runs trials, keeps them, and remembers each measured micro-batch per pair.
 class Session {
@@ -85,6 +92,7 @@ Plan make_plan(const TunerRequest& r, int64_t mb, Pair pair, int64_t seq_len, in
   p.grad_accum = r.global_batch / mb;
   p.precision = pair.precision;
   p.checkpointing = pair.checkpointing;
+  p.optimizer_shards = pair.shards;
   p.seq_len = seq_len;
   p.d_model = d_model;
   p.eval_batch = r.eval_batch;
@@ -295,9 +303,17 @@ std::optional<Trial> classic_search(const std::string& kind, const TunerRequest&
   }
 }
 
-// Preference order among ties: fp32 before bf16 before fp16, no checkpointing before it.
+// Preference order among ties: fp32 before bf16 before fp16, no checkpointing before it, whole
+// optimizer states before split ones (no broadcast).
 int preference(const Plan& p) {
-  return static_cast<int>(p.precision) * 2 + (p.checkpointing ? 1 : 0);
+  return static_cast<int>(p.precision) * 2 + (p.checkpointing ? 1 : 0) +
+         (p.optimizer_shards > 1 ? 6 : 0);
+}
+
+// The speed a finalist is ranked by: a split plan's trial did not pay for its broadcast.
+double ranking_speed(const Trial& t) {
+  return t.plan.optimizer_shards > 1 ? t.tokens_per_s / (1.0 + kShardedSpeedMargin)
+                                     : t.tokens_per_s;
 }
 
 // One search, in the steps tune() reads top to bottom.
@@ -311,7 +327,8 @@ class Tuner {
         // Every candidate plan of the task as asked, once: the most trials it can need.
         session_(w, r, m, progress,
                  static_cast<int>(candidate_micro_batches(r).size()) * 2 *
-                     (knobs_.checkpointing && !r.checkpointing ? 2 : 1)),
+                     (knobs_.checkpointing && !r.checkpointing ? 2 : 1) *
+                     (r.world_size > 1 && !r.shard_optimizer ? 2 : 1)),
         baseline_(m.baseline_bytes()) {}
 
   // Candidate pairs in order of cost to the user: fp32, then the device's low precision (bf16 on
@@ -325,6 +342,12 @@ class Tuner {
     ckpts_ = {false};
     if (knobs_.checkpointing) ckpts_.push_back(true);
     if (r_.checkpointing) ckpts_ = {*r_.checkpointing};
+    // ZeRO-1 needs ranks to split over; unpinned, it is searched only where memory refused a
+    // plan without it (search_shape).
+    shards_ = {1};
+    if (r_.world_size > 1 && r_.shard_optimizer.value_or(true))
+      shards_ = r_.shard_optimizer ? std::vector<int64_t>{r_.world_size}
+                                   : std::vector<int64_t>{1, r_.world_size};
     fast_ = precisions_;
     const bool fp32_candidate =
         std::find(precisions_.begin(), precisions_.end(), Precision::fp32) != precisions_.end();
@@ -348,14 +371,32 @@ class Tuner {
     d_model_ = d_model;
     if (r_.search != "model") {
       std::vector<Trial> finalists;
-      Pair pair{precisions_.front(), ckpts_.front()};
+      Pair pair{precisions_.front(), ckpts_.front(), shards_.back()};
       if (auto t = classic_search(r_.search, r_, session_, pair, seq_len, d_model))
         finalists.push_back(*t);
       return finalists;
     }
-    std::vector<Trial> finalists = search_pairs(fast_);
-    if (finalists.empty() && !slow_.empty()) finalists = search_pairs(slow_);  // slow beats none
+    std::vector<Trial> finalists;
+    std::optional<PairResult> anchor;  // the first measured line of this shape, for the next pass
+    for (int64_t shards : shards_) {
+      // Split optimizer states cost a broadcast per step: tried only where they can let a plan
+      // fit that memory refused (or nothing fitted), never just in case.
+      if (shards > 1 && shards_.size() > 1 && !finalists.empty() && !memory_refused(1)) break;
+      std::vector<Trial> found = search_pairs(fast_, shards, &anchor);
+      if (found.empty() && !slow_.empty()) found = search_pairs(slow_, shards, &anchor);
+      finalists.insert(finalists.end(), found.begin(), found.end());
+    }
     return finalists;
+  }
+
+  // Whether a trial of the current shape with `shards` was refused for memory (out of memory,
+  // or a peak over the usable bytes).
+  bool memory_refused(int64_t shards) const {
+    for (const auto& t : session_.trials())
+      if (t.plan.seq_len == seq_len_ && t.plan.d_model == d_model_ &&
+          t.plan.optimizer_shards == shards && !t.fits && !t.error && !t.too_slow)
+        return true;
+    return false;
   }
 
   // Nothing fits: change the task only where the user allowed it, and as little as that takes.
@@ -446,10 +487,10 @@ class Tuner {
       return result;
     }
     std::sort(finalists.begin(), finalists.end(),
-              [](const Trial& x, const Trial& y) { return x.tokens_per_s > y.tokens_per_s; });
+              [](const Trial& x, const Trial& y) { return ranking_speed(x) > ranking_speed(y); });
     const Trial* chosen = &finalists.front();
     for (const auto& f : finalists)
-      if (f.tokens_per_s >= (1.0 - kTieFraction) * finalists.front().tokens_per_s &&
+      if (ranking_speed(f) >= (1.0 - kTieFraction) * ranking_speed(finalists.front()) &&
           preference(f.plan) < preference(chosen->plan))
         chosen = &f;
     result.plan = chosen->plan;
@@ -462,16 +503,18 @@ class Tuner {
   }
 
  private:
-  // Every (precision, checkpointing) pair of `precs` for the current shape, each pair's line
-  // moved from the first measured one; the fitting plans measured are the finalists (the largest
-  // of each pair and those its walk down measured).
-  std::vector<Trial> search_pairs(const std::vector<Precision>& precs) {
+  // Every (precision, checkpointing) pair of `precs` with `shards` for the current shape, each
+  // pair's line moved from the first measured one (`anchor`, kept for the next call); the
+  // fitting plans measured are the finalists (the largest of each pair and those its walk down
+  // measured).
+  std::vector<Trial> search_pairs(const std::vector<Precision>& precs, int64_t shards,
+                                  std::optional<PairResult>* anchor_io) {
     ModelSearch ms(w_, r_, session_, baseline_, seq_len_, d_model_);
-    std::optional<PairResult> anchor;      // the first pair with a measured line
+    std::optional<PairResult>& anchor = *anchor_io;  // the first pair with a measured line
     std::map<Precision, int64_t> best_mb;  // the largest fitting micro-batch without checkpointing
     for (bool ckpt : ckpts_) {
       for (Precision prec : precs) {
-        Pair pair{prec, ckpt};
+        Pair pair{prec, ckpt, shards};
         // Checkpointing costs ~1/3 more compute: it can win only at a micro-batch larger than
         // the one that fits without it, and only when that one is small.
         int64_t above = 0;
@@ -483,7 +526,7 @@ class Tuner {
         if (anchor) predicted = ms.transfer(*anchor, pair);
         PairResult pr = ms.search(pair, predicted, above);
         result_.lines.push_back(
-            {prec, ckpt, seq_len_, d_model_, pr.line.a, pr.line.b, pr.measured});
+            {prec, ckpt, shards, seq_len_, d_model_, pr.line.a, pr.line.b, pr.measured});
         if (pr.measured && !anchor) anchor = pr;
         if (pr.best && !ckpt) best_mb[prec] = pr.best->plan.micro_batch;
       }
@@ -491,6 +534,7 @@ class Tuner {
     std::vector<Trial> finalists;
     for (const auto& t : session_.trials())
       if (t.fits && t.plan.seq_len == seq_len_ && t.plan.d_model == d_model_ &&
+          t.plan.optimizer_shards == shards &&
           std::find(precs.begin(), precs.end(), t.plan.precision) != precs.end())
         finalists.push_back(t);
     return finalists;
@@ -537,6 +581,7 @@ class Tuner {
   const uint64_t baseline_;
   std::vector<Precision> precisions_, fast_, slow_;
   std::vector<bool> ckpts_;
+  std::vector<int64_t> shards_;        // Plan::optimizer_shards candidates, 1 first
   int64_t seq_len_ = 0, d_model_ = 0;  // the shape searched last
   TunerResult result_;
 };

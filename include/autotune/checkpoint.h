@@ -20,6 +20,9 @@ struct CheckpointMeta {
   // The training device: an accelerator's generator (its dropout masks) is saved beside the
   // CPU's, so a resume there is exact too.
   torch::Device device = torch::kCPU;
+  // Ranks of the run that wrote it. With plan.optimizer_shards > 1 each rank r > 0 keeps its
+  // AdamW states in optimizer_shard_path(run_dir, step, r), written before this file.
+  int world_size = 1;
 };
 
 std::string checkpoint_dir(const std::string& run_dir);
@@ -29,6 +32,13 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointMeta& me
                             torch::nn::Module& model, torch::optim::Optimizer& optimizer,
                             const torch::Tensor& loss_scaler_state, int keep);
 
+// ZeRO-1: rank `rank`'s optimizer states at `step`, beside the checkpoint of that step.
+std::string optimizer_shard_path(const std::string& run_dir, int64_t step, int rank);
+// Written atomically by every rank but the checkpoint's writer, before the writer's checkpoint
+// (a checkpoint whose shards are not all there is not resumed). Throws RuntimeError.
+void save_optimizer_shard(const std::string& run_dir, int64_t step, int rank,
+                          torch::optim::Optimizer& optimizer);
+
 // Checkpoint files of run_dir, oldest first.
 std::vector<std::string> list_checkpoints(const std::string& run_dir);
 
@@ -36,9 +46,11 @@ std::vector<std::string> list_checkpoints(const std::string& run_dir);
 std::optional<CheckpointMeta> read_checkpoint_meta(const std::string& path);
 
 // Loads state into `model`/`optimizer` and returns the metadata plus the loss scaler state; the
-// RNG of the CPU and, when it is an accelerator, of `device` are restored.
+// RNG of the CPU and, when it is an accelerator, of `device` are restored. `optimizer_path`: the
+// optimizer states come from that shard file instead (ZeRO-1, ranks > 0).
 CheckpointMeta load_checkpoint(const std::string& path, torch::nn::Module& model,
                                torch::optim::Optimizer& optimizer, torch::Tensor* loss_scaler_state,
-                               torch::Device device = torch::kCPU);
+                               torch::Device device = torch::kCPU,
+                               const std::string& optimizer_path = "");
 
 }  // namespace autotune

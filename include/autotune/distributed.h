@@ -51,6 +51,11 @@ class Communicator {
   // Gradients averaged over ranks: flattened into buckets of at most `bucket_bytes` (one dtype
   // and device per bucket), one all-reduce each, written back. Undefined gradients count as zero.
   void average_gradients(const std::vector<torch::Tensor>& params, int64_t bucket_bytes = 25 << 20);
+  // ZeRO-1, after each rank updated the parameters it owns (owners[i] is the rank of params[i]):
+  // every parameter from its owner to all ranks, in buckets of at most `bucket_bytes` per owner
+  // (one flat copy each, one broadcast per bucket).
+  void broadcast_shards(const std::vector<torch::Tensor>& params, const std::vector<int>& owners,
+                        int64_t bucket_bytes = 25 << 20);
   // The mean over ranks of a small tensor (a loss), returned.
   torch::Tensor average(const torch::Tensor& t);
   // True when `flag` is true on any rank (an all-reduce of one int).
@@ -67,6 +72,8 @@ class Communicator {
   // Seconds spent in gradient all-reduces so far, and how many.
   double allreduce_seconds() const { return allreduce_seconds_; }
   int64_t allreduce_calls() const { return allreduce_calls_; }
+  // Seconds spent in broadcast_shards so far.
+  double broadcast_seconds() const { return broadcast_seconds_; }
 
  private:
   [[noreturn]] void lost(const std::exception& e) const;
@@ -79,6 +86,7 @@ class Communicator {
   std::unique_ptr<Impl> impl_;
   double allreduce_seconds_ = 0;
   int64_t allreduce_calls_ = 0;
+  double broadcast_seconds_ = 0;
 };
 
 // `--nproc N`: starts N copies of this executable (same arguments, without --nproc) as ranks

@@ -34,4 +34,14 @@ class FusedAdamW : public torch::optim::AdamW {
 // scalar tensor on the gradients' device. Undefined when no parameter has a gradient.
 torch::Tensor clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm);
 
+// ZeRO stage 1: which of `shards` ranks keeps the AdamW states of each parameter (and updates
+// it). Whole tensors, largest first, each to the rank with the fewest elements so far (as
+// torch.distributed.optim.ZeroRedundancyOptimizer): every rank computes the same split.
+std::vector<int> shard_owners(const std::vector<torch::Tensor>& params, int shards);
+// The rank whose shard holds the most elements: a probe trial measures that rank's memory.
+int heaviest_shard(const std::vector<torch::Tensor>& params, const std::vector<int>& owners,
+                   int shards);
+// Bytes of the optimizer's AdamW states (exp_avg + exp_avg_sq) that exist now.
+int64_t optimizer_state_bytes(torch::optim::Optimizer& optimizer);
+
 }  // namespace autotune

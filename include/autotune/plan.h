@@ -21,9 +21,13 @@ struct Plan {
   int64_t seq_len = 0;         // tokens per sequence (0: the workload's default)
   int64_t d_model = 0;         // model width (0: the workload's default)
   int64_t eval_batch = 0;      // sequences per eval forward (0: micro_batch)
+  // Data parallel, ZeRO stage 1: the AdamW states are split over this many ranks (1: every rank
+  // keeps all of them). Each rank updates the parameters whose states it holds, then sends them
+  // to the others. 1 or the world size.
+  int64_t optimizer_shards = 1;
 
   int64_t global_batch() const { return micro_batch * grad_accum; }
-  std::string describe() const;  // "mb=8 ga=4 bf16 ckpt=off T=256 d=384"
+  std::string describe() const;  // "micro_batch=8 grad_accum=4 bf16 checkpointing=off ..."
   bool operator==(const Plan& o) const;
   bool operator!=(const Plan& o) const { return !(*this == o); }
 };

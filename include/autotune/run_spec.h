@@ -35,6 +35,7 @@ struct RunSpec {
   std::optional<int64_t> micro_batch, grad_accum, seq_len, d_model, eval_batch;
   std::optional<Precision> precision;
   std::optional<bool> checkpointing;
+  std::optional<bool> shard_optimizer;  // ZeRO-1 over the ranks (--shard-optimizer on | off)
 
   int64_t steps = 200;
   uint64_t seed = 1337;

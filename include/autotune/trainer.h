@@ -98,6 +98,8 @@ struct RunSummary {
   std::string params_digest;    // FNV-1a of the final parameters' bytes: equal ranks, equal digests
   double allreduce_s = 0;       // data parallel: seconds in gradient all-reduces this run
   int64_t allreduce_calls = 0;  // and how many (one per optimizer step)
+  double broadcast_s = 0;       // ZeRO-1: seconds sending the updated parameters to the ranks
+  int64_t optimizer_state_bytes = 0;  // this rank's AdamW states at the end (its shard, ZeRO-1)
 };
 
 class TrainObserver {

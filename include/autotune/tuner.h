@@ -50,6 +50,7 @@ void from_json(const nlohmann::json& j, Trial& t);
 struct SearchLine {
   Precision precision = Precision::fp32;
   bool checkpointing = false;
+  int64_t optimizer_shards = 1;
   int64_t seq_len = 0, d_model = 0;  // 0: the workload's
   double a_bytes = 0;                // the budget figure at micro-batch 0
   double b_bytes = 0;                // per sequence of the micro-batch
@@ -106,6 +107,10 @@ struct TunerRequest {
   std::optional<int64_t> micro_batch, seq_len, d_model;
   std::optional<Precision> precision;
   std::optional<bool> checkpointing;
+  // Data parallel: the ranks the plan is for. ZeRO-1 (Plan::optimizer_shards = world_size) is
+  // searched when a plan without it was refused for memory; `shard_optimizer` pins it.
+  int64_t world_size = 1;
+  std::optional<bool> shard_optimizer;
   bool allow_shrink_seq = false, allow_shrink_width = false;
   bool start_small = false;                   // ultra-low-mem: start from the smallest micro-batch
   int64_t max_micro_batch = 0;                // a preset's bound (0: none)
