@@ -21,6 +21,8 @@
 // ProcessGroupGloo.hpp declares its class only under this macro (defined here, not on the command
 // line, so the precompiled torch header stays valid for this file).
 #define USE_C10D_GLOO 1
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -209,51 +211,6 @@ void Communicator::broadcast(std::vector<torch::Tensor> tensors, int root) {
   });
 }
 
-void Communicator::average_gradients(const std::vector<torch::Tensor>& params,
-                                     int64_t bucket_bytes) {
-  const auto t0 = std::chrono::steady_clock::now();
-  torch::NoGradGuard no_grad;
-  // A parameter without a gradient (unused this step) joins as zeros so every rank's buckets
-  // hold the same tensors in the same order.
-  std::vector<torch::Tensor> grads;
-  for (const auto& p : params) {
-    if (!p.requires_grad()) continue;
-    if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
-    grads.push_back(p.grad());
-  }
-  auto flush = [&](std::vector<torch::Tensor>& bucket) {
-    if (bucket.empty()) return;
-    std::vector<torch::Tensor> pieces;
-    for (auto& g : bucket) pieces.push_back(g.reshape(-1));
-    at::Tensor flat = torch::cat(pieces);  // [sum of numel], the bucket's dtype; summed in place
-    guarded([&] { impl_->all_reduce(flat); });
-    flat.div_(static_cast<double>(world_.size));
-    int64_t at = 0;
-    for (auto& g : bucket) {
-      g.copy_(flat.narrow(0, at, g.numel()).view_as(g));
-      at += g.numel();
-    }
-    bucket.clear();
-  };
-  std::vector<torch::Tensor> bucket;
-  int64_t bytes = 0;
-  for (auto& g : grads) {
-    const int64_t b = g.numel() * static_cast<int64_t>(g.element_size());
-    if (!bucket.empty() &&
-        (bytes + b > bucket_bytes || g.scalar_type() != bucket[0].scalar_type() ||
-         g.device() != bucket[0].device())) {
-      flush(bucket);
-      bytes = 0;
-    }
-    bucket.push_back(g);
-    bytes += b;
-  }
-  flush(bucket);
-  allreduce_seconds_ +=
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  ++allreduce_calls_;
-}
-
 void Communicator::broadcast_shards(const std::vector<torch::Tensor>& params,
                                     const std::vector<int>& owners, int64_t bucket_bytes) {
   const auto t0 = std::chrono::steady_clock::now();
@@ -340,6 +297,144 @@ std::vector<std::string> Communicator::gather_text(const std::string& key, const
 
 void Communicator::barrier() {
   guarded([&] { impl_->pg->barrier()->wait(); });
+}
+
+struct GradientReducer::Bucket {
+  std::vector<size_t> params;  // indices into params_, in bucket order
+  size_t pending = 0;          // gradients not accumulated yet in the armed backward
+  at::Tensor flat;             // [sum of numel]: the gradients, summed over ranks in place
+  c10::intrusive_ptr<c10d::Work> work;
+  bool started = false, done = false;
+};
+
+namespace {
+// Runs after AccumulateGrad wrote a parameter's .grad (once per backward, also for a parameter
+// used twice, such as tied embeddings: autograd sums its inputs first).
+struct ReducerHook : torch::autograd::PostAccumulateGradHook {
+  ReducerHook(std::function<void()> f) : f(std::move(f)) {}
+  void operator()(const torch::autograd::Variable&) override { f(); }
+  std::function<void()> f;
+};
+constexpr int64_t kFirstBucketBytes = 1 << 20;  // DDP's first bucket: the first all-reduce soon
+}  // namespace
+
+bool overlap_allreduce(torch::Device device) {
+  if (const char* v = std::getenv("AUTOTUNE_OVERLAP_ALLREDUCE"); v && *v)
+    return std::string(v) != "0";
+  return !device.is_cpu();
+}
+
+GradientReducer::GradientReducer(Communicator& comm, const std::vector<torch::Tensor>& params,
+                                 bool overlap, int64_t bucket_bytes)
+    : comm_(comm), overlap_(overlap) {
+  for (const auto& p : params)
+    if (p.requires_grad()) params_.push_back(p);
+  bucket_of_.assign(params_.size(), 0);
+  int64_t bytes = 0;
+  for (size_t k = params_.size(); k-- > 0;) {
+    const auto& p = params_[k];
+    const int64_t b = p.numel() * static_cast<int64_t>(p.element_size());
+    const int64_t cap = buckets_.size() == 1 ? kFirstBucketBytes : bucket_bytes;
+    if (buckets_.empty() || (bytes > 0 && bytes + b > cap) ||
+        p.scalar_type() != params_[buckets_.back().params.front()].scalar_type() ||
+        p.device() != params_[buckets_.back().params.front()].device()) {
+      buckets_.emplace_back();
+      bytes = 0;
+    }
+    buckets_.back().params.push_back(k);
+    bucket_of_[k] = buckets_.size() - 1;
+    bytes += b;
+  }
+  if (!overlap_) return;  // finish() starts them all
+  for (size_t k = 0; k < params_.size(); ++k)
+    torch::autograd::impl::set_post_acc_grad_hooks(
+        params_[k], std::make_unique<ReducerHook>([this, k] { on_gradient(k); }));
+}
+
+GradientReducer::~GradientReducer() {
+  if (!overlap_) return;
+  for (const auto& p : params_) torch::autograd::impl::set_post_acc_grad_hooks(p, nullptr);
+}
+
+void GradientReducer::arm() {
+  for (auto& b : buckets_) {
+    b.pending = b.params.size();
+    b.flat = at::Tensor();
+    b.work.reset();
+    b.started = b.done = false;
+  }
+  next_ = 0;
+  armed_ = true;
+}
+
+void GradientReducer::on_gradient(size_t param) {
+  if (!armed_) return;  // an earlier micro-batch: its gradients are not final yet
+  Bucket& b = buckets_[bucket_of_[param]];
+  if (b.pending > 0) --b.pending;
+  start_ready();
+}
+
+void GradientReducer::start_ready() {
+  while (next_ < buckets_.size() && buckets_[next_].pending == 0) start(buckets_[next_++], false);
+  // Buckets whose all-reduce is over hand their averages back now: their flat copy is freed
+  // while backward goes on, so at most the buckets in flight are alive beside the gradients.
+  for (size_t i = 0; i < next_; ++i)
+    if (!buckets_[i].done && buckets_[i].work && buckets_[i].work->isCompleted())
+      complete(buckets_[i], true);
+}
+
+void GradientReducer::start(Bucket& b, bool zeros) {
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> pieces;
+  for (size_t k : b.params) {
+    const auto& p = params_[k];
+    pieces.push_back(zeros || !p.grad().defined() ? torch::zeros({p.numel()}, p.options())
+                                                  : p.grad().reshape(-1));
+  }
+  b.flat = torch::cat(pieces);  // an OOM here leaves the bucket not started
+  comm_.guarded([&] {
+    std::vector<at::Tensor> one{b.flat};
+    b.work = comm_.impl_->pg->allreduce(one);
+  });
+  b.started = true;
+}
+
+void GradientReducer::complete(Bucket& b, bool write_back) {
+  comm_.guarded([&] { b.work->wait(); });
+  b.done = true;
+  if (write_back) {
+    torch::NoGradGuard no_grad;
+    b.flat.div_(static_cast<double>(comm_.size()));
+    int64_t at = 0;
+    for (size_t k : b.params) {
+      auto& p = params_[k];
+      // A parameter without a gradient (unused this step) gets the average of the others'.
+      if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
+      p.mutable_grad().copy_(b.flat.narrow(0, at, p.numel()).view_as(p));
+      at += p.numel();
+    }
+  }
+  b.flat = at::Tensor();
+  b.work.reset();
+}
+
+void GradientReducer::finish() {
+  const auto t0 = std::chrono::steady_clock::now();
+  armed_ = false;
+  while (next_ < buckets_.size()) start(buckets_[next_++], false);
+  for (auto& b : buckets_)
+    if (!b.done) complete(b, true);
+  comm_.allreduce_seconds_ +=
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ++comm_.allreduce_calls_;
+}
+
+void GradientReducer::abandon() {
+  if (!armed_) arm();  // the OOM came before the last backward: none of the step's has started
+  armed_ = false;
+  while (next_ < buckets_.size()) start(buckets_[next_++], true);
+  for (auto& b : buckets_)
+    if (b.started && !b.done) complete(b, false);
 }
 
 namespace {

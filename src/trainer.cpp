@@ -201,6 +201,11 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
     torch::manual_seed(opt.seed);  // dropout masks are reproducible from the seed
   }
   if (comm) comm->broadcast(params);  // every rank starts from rank 0's parameters
+  // Data parallel: the gradient all-reduces of a step start during its last backward (on an
+  // accelerator) or right after it.
+  std::unique_ptr<GradientReducer> reducer;
+  if (comm)
+    reducer = std::make_unique<GradientReducer>(*comm, params, overlap_allreduce(opt.device));
   const double allreduce_s0 = comm ? comm->allreduce_seconds() : 0;
   const int64_t allreduce_calls0 = comm ? comm->allreduce_calls() : 0;
   const double broadcast_s0 = comm ? comm->broadcast_seconds() : 0;
@@ -324,6 +329,7 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
           ahead = fetch(step, m + 1);
         else if (step + 1 < opt.steps)
           ahead = fetch(step + 1, 0);
+        if (reducer && m + 1 == plan.grad_accum) reducer->arm();  // its gradients are final
         scaler.scale_loss(loss).backward();
         loss_sum += loss.detach();
         notify([&](TrainObserver& o) { o.on_phase_end(phase, step); });
@@ -337,11 +343,11 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
       notify([&](TrainObserver& o) { o.on_phase_begin(phase); });
       optimizer.create_states();
       if (comm) {
+        reducer->finish();  // the averaged gradients, from the all-reduces backward started
         // Before any rank changes its parameters, all agree that every forward and backward
         // ran: an OOM on one rank is recovered on all, with the same plan, so none diverges.
         if (comm->any(false)) throw PeerOutOfMemory();
         agreed = true;
-        comm->average_gradients(params);
         loss_sum = comm->average(loss_sum);
       }
       // fp16 only: whether any gradient overflowed is read back (one sync per step, as
@@ -385,12 +391,23 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
                            std::to_string(step + 1) +
                            " after the ranks agreed on it (gradient all-reduce or optimizer); "
                            "give a larger --budget");
-      if (oom && comm) comm->any(true);  // the other ranks wait for this in their agreement
       // Drop the partial gradients, release memory, step down the ladder and re-run this same
       // step on the same samples: no step and no sample is lost.
       ahead.reset();
       model->zero_grad(/*set_to_none=*/true);
       release_cached_memory(opt.device);
+      if (oom && comm) {
+        // The other ranks run all of this step's all-reduces and then wait in the agreement.
+        try {
+          reducer->abandon();
+        } catch (const c10::OutOfMemoryError&) {
+          throw RuntimeError("rank " + std::to_string(rank) + " ran out of memory at step " +
+                             std::to_string(step + 1) +
+                             " and again while finishing the gradient all-reduce with the other "
+                             "ranks; give a larger --budget");
+        }
+        comm->any(true);
+      }
       if (!opt.recover_oom) throw;  // probe trials: the caller records the OOM by its type
       Plan next;
       if (!next_plan_after_oom(plan, can_checkpoint, opt.allow_precision_change, &next,

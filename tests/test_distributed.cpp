@@ -40,14 +40,14 @@ nlohmann::json parse_json(const tu::ProcessResult& r) {
 // A pinned plan: the probe is one trial, so the runs differ only in the world size.
 // `dir`: a fresh directory for the run and its profiles.
 std::vector<std::string> pinned_run(const std::string& dir, int64_t micro_batch, int nproc,
-                                    int64_t steps = 6) {
+                                    int64_t steps = 6, const std::string& model = "gpt-tiny") {
   std::vector<std::string> a = {"run",
                                 "--data",
                                 tu::corpus_path(),
                                 "--budget",
                                 "2G",
                                 "--model",
-                                "gpt-tiny",
+                                model,
                                 "--global-batch",
                                 "8",
                                 "--micro-batch",
@@ -432,4 +432,34 @@ TEST(Distributed, SplitOptimizerStatesResumeExactlyAndOnlyWithEveryShard) {
   const tu::ProcessResult one = tu::run_autotune(alone);
   EXPECT_EQ(one.exit_code, 2) << one.err;
   EXPECT_NE(one.err.find("resume it with --nproc 2"), std::string::npos) << one.err;
+}
+
+TEST(Distributed, AllReducesOverlappedWithBackwardAverageTheSameGradients) {
+  // gpt-mini's 3.3 MB of gradients make two buckets (the first of 1 MiB starts while backward
+  // goes on). Micro-batch 2 x grad_accum 2: only the second backward's gradients are final, so
+  // only it may start all-reduces. Overlapped or started after backward, the sums are the same.
+  auto run = [&](const char* overlap, const std::vector<std::string>& env = {}) {
+    std::vector<std::string> e = {std::string("AUTOTUNE_OVERLAP_ALLREDUCE=") + overlap};
+    e.insert(e.end(), env.begin(), env.end());
+    return parse_json(tu::run_autotune(
+        pinned_run(tu::temp_dir(std::string("dp-overlap-") + overlap), 2, 2, 6, "gpt-mini"), e));
+  };
+  const nlohmann::json after = run("0"), during = run("1");
+  ASSERT_EQ(during.at("ranks").size(), 2u) << during.dump();
+  EXPECT_EQ(during.at("plan").at("grad_accum"), 2);
+  EXPECT_EQ(during.at("ranks")[0].at("allreduce_calls"), 6);
+  EXPECT_EQ(during.at("ranks")[0].at("params_digest"), during.at("ranks")[1].at("params_digest"));
+  EXPECT_EQ(during.at("params_digest"), after.at("params_digest"))
+      << "overlapping the all-reduces changed the averaged gradients";
+  // An OOM on one rank before its last backward: it runs the step's all-reduces with zeros so
+  // the other rank's overlapped ones complete, then both recover the same way.
+  const nlohmann::json oom =
+      run("1", {"AUTOTUNE_INJECT_OOM=2:backward", "AUTOTUNE_INJECT_OOM_RANK=1"});
+  ASSERT_EQ(oom.at("ranks").size(), 2u) << oom.dump();
+  for (const auto& r : oom.at("ranks")) {
+    EXPECT_EQ(r.at("oom_recoveries"), 1) << r.dump();
+    EXPECT_EQ(r.at("plan").at("micro_batch"), 1) << r.dump();
+  }
+  EXPECT_EQ(oom.at("ranks")[0].at("params_digest"), oom.at("ranks")[1].at("params_digest"));
+  EXPECT_EQ(oom.at("steps"), 6);
 }

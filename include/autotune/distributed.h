@@ -48,9 +48,6 @@ class Communicator {
 
   // In place, from `root` to every rank.
   void broadcast(std::vector<torch::Tensor> tensors, int root = 0);
-  // Gradients averaged over ranks: flattened into buckets of at most `bucket_bytes` (one dtype
-  // and device per bucket), one all-reduce each, written back. Undefined gradients count as zero.
-  void average_gradients(const std::vector<torch::Tensor>& params, int64_t bucket_bytes = 25 << 20);
   // ZeRO-1, after each rank updated the parameters it owns (owners[i] is the rank of params[i]):
   // every parameter from its owner to all ranks, in buckets of at most `bucket_bytes` per owner
   // (one flat copy each, one broadcast per bucket).
@@ -69,13 +66,15 @@ class Communicator {
                                        std::chrono::milliseconds wait);
   void barrier();
 
-  // Seconds spent in gradient all-reduces so far, and how many.
+  // Host seconds the gradient averaging (GradientReducer) took outside backward so far: the
+  // all-reduce time that overlapping did not hide. And how many steps it averaged.
   double allreduce_seconds() const { return allreduce_seconds_; }
   int64_t allreduce_calls() const { return allreduce_calls_; }
   // Seconds spent in broadcast_shards so far.
   double broadcast_seconds() const { return broadcast_seconds_; }
 
  private:
+  friend class GradientReducer;
   [[noreturn]] void lost(const std::exception& e) const;
   // Runs `f`, a collective or store exchange; a failure becomes LostRank.
   void guarded(const std::function<void()>& f) const;
@@ -88,6 +87,52 @@ class Communicator {
   int64_t allreduce_calls_ = 0;
   double broadcast_seconds_ = 0;
 };
+
+// Gradients averaged over the ranks once per optimizer step, overlapped with the backward that
+// produces them (as DDP's reducer): the parameters in reverse order (about the order backward
+// finishes their gradients) in buckets, the first of at most 1 MiB so the first all-reduce starts
+// early, the others of at most `bucket_bytes` (one dtype and device each). With `overlap`, while
+// armed (the step's last backward) a bucket's all-reduce starts when the gradients of all its
+// parameters are accumulated and every bucket before it has started, so all ranks start them in
+// one order; without, all start at finish(), in the same order, and run together.
+class GradientReducer {
+ public:
+  GradientReducer(Communicator& comm, const std::vector<torch::Tensor>& params, bool overlap,
+                  int64_t bucket_bytes = 25 << 20);
+  ~GradientReducer();  // removes the hooks
+  GradientReducer(const GradientReducer&) = delete;
+  GradientReducer& operator=(const GradientReducer&) = delete;
+
+  // The next backward is the last of the step: its gradients are final when accumulated.
+  void arm();
+  // After that backward: starts the buckets not started (a parameter without a gradient joins
+  // as zeros), waits for all, and writes the averages into the gradients.
+  void finish();
+  // This rank ran out of memory in the step: runs the rest of the step's all-reduces (the other
+  // ranks run them all) with zeros, so every rank's next collective is the same one. The caller
+  // drops the gradients.
+  void abandon();
+
+ private:
+  struct Bucket;
+  void on_gradient(size_t param);  // a parameter's gradient was accumulated
+  void start_ready();              // starts the ready buckets in order
+  void start(Bucket& b, bool zeros);
+  void complete(Bucket& b, bool write_back);
+  Communicator& comm_;
+  std::vector<torch::Tensor> params_;
+  std::vector<Bucket> buckets_;
+  std::vector<size_t> bucket_of_;  // per parameter
+  size_t next_ = 0;                // the first bucket not started
+  bool overlap_ = false;
+  bool armed_ = false;
+};
+
+// Whether the all-reduces overlap backward on `device`: on an accelerator (NCCL runs on its own
+// stream), not on the CPU, where Gloo's threads take the cores backward runs on and the buckets
+// in flight hold memory beside the activations (docs/BENCHMARKS.md). AUTOTUNE_OVERLAP_ALLREDUCE=1
+// or 0 decides instead (tests, benchmarks).
+bool overlap_allreduce(torch::Device device);
 
 // `--nproc N`: starts N copies of this executable (same arguments, without --nproc) as ranks
 // 0..N-1 on a free loopback port, each with its share of the cores, and waits. When a rank fails,
