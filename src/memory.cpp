@@ -1,5 +1,7 @@
 #include "autotune/memory.h"
 
+#include "autotune/machine.h"
+
 #include <malloc.h>
 #include <sys/mman.h>
 
@@ -423,10 +425,12 @@ void MemoryMeter::release_cache() const {
 DeviceMemoryInfo device_memory_info(torch::Device device) {
   DeviceMemoryInfo info;
   if (device.type() == c10::DeviceType::CPU) {
-    const SystemMemory sm = read_system_memory();
+    // The host is the device: the same figures that choose the memory mode (and their
+    // AUTOTUNE_FAKE_MEM_TOTAL / AVAILABLE testing aid).
+    const MachineFacts host = read_machine_facts();
     info.name = "cpu";
-    info.total_bytes = sm.effective_total_bytes();
-    info.free_bytes = sm.effective_available_bytes();
+    info.total_bytes = host.total_bytes;
+    info.free_bytes = host.available_bytes;
     return info;
   }
   if (!accelerator_usable(device)) {

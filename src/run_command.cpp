@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <iostream>
+#include <tuple>
 
 #include <spdlog/spdlog.h>
 
@@ -355,17 +356,48 @@ void print_what_next(const RunContext& ctx, const Profile& profile, const std::s
   print_table("what next", rows, /*always=*/true);
 }
 
-// Data parallel: rank 0's profile (reused or probed) on every rank, verified there over 2 steps
-// under that rank's own budget; a plan that does not fit some rank stops all of them.
-Profile share_profile(RunContext& ctx, std::optional<Profile> profile, const ProbeOptions& probe,
-                      uint64_t* verified_peak) {
+// Data parallel: which rank probes (or reuses its profile) for all. Ranks of one kind of device
+// and one budget are alike, and rank 0 stands for them; otherwise the rank with the smallest
+// budget (then the smallest device, then the lowest rank), whose plan is the likeliest to fit
+// every rank. Every rank verifies it after (share_profile).
+int choose_prober(RunContext& ctx) {
   Communicator& comm = *ctx.comm();
-  // A probe can take far longer than a collective's timeout; a rank 0 that dies meanwhile
-  // closes the store, which ends the wait at once.
-  const std::string text =
-      comm.share_text("profile", ctx.rank() == 0 ? profile->to_json().dump() : std::string(), 0,
-                      std::chrono::hours(24));
-  Profile p = ctx.rank() == 0 ? *profile : Profile::from_json(nlohmann::json::parse(text));
+  const nlohmann::json mine = {{"budget_bytes", *ctx.budget_bytes()},
+                               {"device_total_bytes", device_memory_info(ctx.device()).total_bytes},
+                               {"rank", ctx.rank()}};
+  int prober = 0;
+  if (ctx.rank() == 0) {
+    nlohmann::json best;
+    for (const auto& t : comm.gather_text("device", mine.dump(), 0, std::chrono::minutes(10))) {
+      const nlohmann::json r = nlohmann::json::parse(t);
+      auto key = [](const nlohmann::json& x) {
+        return std::make_tuple(x.at("budget_bytes").get<uint64_t>(),
+                               x.at("device_total_bytes").get<uint64_t>(), x.at("rank").get<int>());
+      };
+      if (best.is_null() || key(r) < key(best)) best = r;
+    }
+    prober = best.at("rank").get<int>();
+  } else {
+    comm.gather_text("device", mine.dump(), 0, std::chrono::minutes(10));
+  }
+  prober =
+      std::stoi(comm.share_text("prober", std::to_string(prober), 0, std::chrono::minutes(10)));
+  if (prober != 0 && ctx.rank() == 0)
+    spdlog::info("rank {} has the smallest budget or device: it probes for every rank", prober);
+  return prober;
+}
+
+// Data parallel: the prober's profile (reused or probed) on every rank, verified there over 2
+// steps under that rank's own budget; a plan that does not fit some rank stops all of them.
+Profile share_profile(RunContext& ctx, std::optional<Profile> profile, const ProbeOptions& probe,
+                      uint64_t* verified_peak, int prober) {
+  Communicator& comm = *ctx.comm();
+  // A probe can take far longer than a collective's timeout; a prober that dies meanwhile
+  // closes its connection to the store, which ends the wait.
+  const bool mine = ctx.rank() == prober;
+  const std::string text = comm.share_text(
+      "profile", mine ? profile->to_json().dump() : std::string(), prober, std::chrono::hours(24));
+  Profile p = mine ? *profile : Profile::from_json(nlohmann::json::parse(text));
   // Two steps on all ranks together: the all-reduce's buffers are part of every rank's peak.
   ProbeOptions together = probe;
   together.comm = &comm;
@@ -378,12 +410,12 @@ Profile share_profile(RunContext& ctx, std::optional<Profile> profile, const Pro
   else
     spdlog::info(
         "plan {} verified on every rank over 2 steps with the gradient all-reduce "
-        "(rank 0: peak {})",
+        "(this rank: peak {})",
         p.plan.describe(), format_bytes(t.peak_bytes));
   if (comm.any(!fits))
     throw RuntimeError("the plan " + p.plan.describe() +
                        " does not fit on every rank (see the rank's line); give a larger "
-                       "--budget, or --reprobe on the smallest device");
+                       "--budget");
   return p;
 }
 
@@ -396,6 +428,7 @@ nlohmann::json rank_figures(RunContext& ctx, const RunSummary& s, uint64_t verif
       ctx.device().is_cpu() ? mem.at("host").value("peak_tensor_bytes", uint64_t{0})
                             : mem.at("device").value("peak_allocated_bytes", uint64_t{0});
   nlohmann::json mine = {{"rank", ctx.rank()},
+                         {"budget_bytes", *ctx.budget_bytes()},
                          {"peak_budget_bytes", ctx.monitor()->peak_budget_bytes()},
                          {"peak_tensor_bytes", peak_tensor_bytes},
                          {"verified_peak_bytes", verified_peak},
@@ -431,43 +464,55 @@ int tune_command(const RunSpec& spec_in) {
   probe.seed = spec.seed;
   probe.device = ctx.device();
 
-  // ---- a profile that still fits, or a probe (on rank 0; the other ranks verify its plan) ----
+  // ---- a profile that still fits, or a probe (on one rank; the others verify its plan) ----
   const bool rank0 = ctx.rank() == 0;
+  const int prober = ctx.comm() ? choose_prober(ctx) : 0;
+  const bool probes = ctx.rank() == prober;
   uint64_t verified_peak = 0;
   std::optional<Profile> profile;
-  if (rank0) profile = reusable_profile(ctx, store, path, fp, probe, &verified_peak);
+  if (probes) profile = reusable_profile(ctx, store, path, fp, probe, &verified_peak);
   // A fresh process started by train_in_a_fresh_process reuses the profile its parent has just
   // probed: it reports that probe's trials.
-  const bool reused = profile.has_value() && !std::getenv("AUTOTUNE_FRESH_PROCESS");
+  bool reused = profile.has_value() && !std::getenv("AUTOTUNE_FRESH_PROCESS");
   nlohmann::json precision_speed = nlohmann::json::object();
-  if (rank0 && !profile) {
+  if (probes && !profile) {
     Probed probed = probe_and_choose(ctx, store, path, fp, probe);
     profile = std::move(probed.profile);
     precision_speed = std::move(probed.precision_speed);
     verified_peak = probed.verified_peak_bytes;
     if (probed.needs_fresh_process && spec.command != "probe") train_in_a_fresh_process(ctx, path);
   }
-  if (ctx.comm()) profile = share_profile(ctx, std::move(profile), probe, &verified_peak);
+  if (ctx.comm()) {
+    profile = share_profile(ctx, std::move(profile), probe, &verified_peak, prober);
+    reused = ctx.comm()->share_text("reused", reused ? "1" : "0", prober,
+                                    std::chrono::minutes(10)) == "1";
+  }
+  // The prober's profile file (its fingerprint names its device), for what rank 0 prints.
+  const std::string profile_path =
+      ctx.comm() ? ctx.comm()->share_text("profile_path", path, prober, std::chrono::minutes(10))
+                 : path;
   const nlohmann::json trials = reused ? nlohmann::json::array() : nlohmann::json(profile->trials);
   nlohmann::json j = {{"plan", profile->plan},
                       {"budget_bytes", *ctx.budget_bytes()},
                       {"trials", trials},
-                      {"profile", path},
+                      {"profile", profile_path},
                       {"reused_profile", reused},
                       {"verified_peak_bytes", verified_peak},
                       {"mode", to_string(ctx.mode().mode)},
                       {"precision_speed", precision_speed},
                       {"task_changed", profile->task_changed}};
+  if (ctx.comm()) j["prober_rank"] = prober;
   if (spec.command == "probe") {
-    if (rank0) print_what_next(ctx, *profile, path, std::nullopt, reused);
+    if (rank0) print_what_next(ctx, *profile, profile_path, std::nullopt, reused);
     if (spec.json && rank0) std::cout << j.dump(2) << std::endl;
     return kExitOk;
   }
 
   // ---- train with the plan; the full run's peak goes back into the profile ----
-  ctx.print_settings(profile->plan, reused
-                                        ? "profile " + path
-                                        : "probed (" + std::to_string(trials.size()) + " trials)");
+  ctx.print_settings(profile->plan,
+                     (reused ? "profile " + profile_path
+                             : "probed (" + std::to_string(trials.size()) + " trials)") +
+                         (prober != 0 ? " by rank " + std::to_string(prober) : std::string()));
   const RunSummary summary = ctx.train(profile->plan);
   const uint64_t peak = ctx.monitor()->peak_budget_bytes();
   if (peak > *ctx.budget_bytes())
@@ -475,10 +520,9 @@ int tune_command(const RunSpec& spec_in) {
                  format_bytes(*ctx.budget_bytes()));
   const nlohmann::json ranks =
       ctx.comm() ? rank_figures(ctx, summary, verified_peak) : nlohmann::json::array();
-  if (rank0) {
-    record_full_run(ctx, store, path, *profile, summary);
-    print_what_next(ctx, *profile, path, peak, reused);
-  }
+  // The prober keeps the profile (its fingerprint is the prober's device); rank 0 tells the user.
+  if (probes) record_full_run(ctx, store, path, *profile, summary);
+  if (rank0) print_what_next(ctx, *profile, profile_path, peak, reused);
   if (spec.json && rank0) {
     nlohmann::json out = ctx.summary_json(summary);
     for (auto it = j.begin(); it != j.end(); ++it)

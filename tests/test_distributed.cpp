@@ -1,8 +1,11 @@
 // Data parallel on c10d (TCPStore + Gloo), with real ranks: two processes of the real binary on
 // loopback, started by `--nproc 2` or by torchrun.
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -462,4 +465,73 @@ TEST(Distributed, AllReducesOverlappedWithBackwardAverageTheSameGradients) {
   }
   EXPECT_EQ(oom.at("ranks")[0].at("params_digest"), oom.at("ranks")[1].at("params_digest"));
   EXPECT_EQ(oom.at("steps"), 6);
+}
+
+TEST(Distributed, TheRankWithTheSmallestBudgetProbesForAll) {
+  // Two ranks started by hand, as a cluster launcher does, whose devices differ: a budget of 1.5%
+  // of 24 GiB on rank 0 and of 17 GiB on rank 1 (AUTOTUNE_FAKE_MEM_TOTAL stands in for the
+  // device's size). Rank 1's budget is the smaller, so rank 1 probes, and the plan it finds is
+  // verified on both and fits each rank's own budget.
+  const std::string dir = tu::temp_dir("dp-unlike");
+  int port = 0;
+  {
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof a;
+    ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+    ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
+    port = ntohs(a.sin_port);
+    close(fd);
+  }
+  const std::vector<std::string> args = {"run",
+                                         "--data",
+                                         tu::corpus_path(),
+                                         "--budget",
+                                         "1.5%",
+                                         "--model",
+                                         "gpt-mini",
+                                         "--global-batch",
+                                         "16",
+                                         "--steps",
+                                         "3",
+                                         "--eval-sequences",
+                                         "8",
+                                         "--run-dir",
+                                         dir + "/run",
+                                         "--profile-dir",
+                                         dir + "/prof",
+                                         "--json"};
+  auto env_of = [&](int rank, const char* total) {
+    return std::vector<std::string>{"RANK=" + std::to_string(rank),
+                                    "LOCAL_RANK=" + std::to_string(rank),
+                                    "WORLD_SIZE=2",
+                                    "MASTER_ADDR=127.0.0.1",
+                                    "MASTER_PORT=" + std::to_string(port),
+                                    "OMP_NUM_THREADS=1",
+                                    std::string("AUTOTUNE_FAKE_MEM_TOTAL=") + total};
+  };
+  tu::ProcessResult r1;
+  std::thread rank1([&] { r1 = tu::run_autotune(args, env_of(1, "17G")); });
+  const tu::ProcessResult r0 = tu::run_autotune(args, env_of(0, "24G"));
+  rank1.join();
+  ASSERT_EQ(r1.exit_code, 0) << r1.err;
+  const nlohmann::json j = parse_json(r0);
+  ASSERT_EQ(j.at("ranks").size(), 2u) << j.dump();
+  EXPECT_EQ(j.at("prober_rank"), 1) << r0.err;
+  EXPECT_FALSE(j.at("trials").empty()) << "rank 1's trials reach rank 0's summary";
+  const auto& a = j.at("ranks")[0];
+  const auto& b = j.at("ranks")[1];
+  EXPECT_LT(b.at("budget_bytes").get<uint64_t>(), a.at("budget_bytes").get<uint64_t>());
+  EXPECT_EQ(a.at("plan"), b.at("plan"));
+  for (const auto& r : j.at("ranks")) {
+    EXPECT_LE(r.at("verified_peak_bytes").get<uint64_t>(), r.at("budget_bytes").get<uint64_t>())
+        << r.dump();
+    EXPECT_LE(r.at("peak_budget_bytes").get<uint64_t>(), r.at("budget_bytes").get<uint64_t>())
+        << r.dump();
+  }
+  EXPECT_NE(j.at("profile").get<std::string>().find("/prof/"), std::string::npos);
+  EXPECT_TRUE(std::filesystem::exists(j.at("profile").get<std::string>()))
+      << "the prober saved its profile";
 }

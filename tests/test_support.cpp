@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -71,7 +72,9 @@ pid_t spawn(const std::string& program, const std::vector<std::string>& args,
 // Runs `program` to the end and collects its exit code and output.
 ProcessResult run(const std::string& program, const std::vector<std::string>& args,
                   const std::vector<std::string>& env) {
-  std::string dir = temp_dir("proc");
+  // One directory per call: tests may run two processes at once from two threads.
+  static std::atomic<int> calls{0};
+  std::string dir = temp_dir("proc" + std::to_string(calls++));
   std::string out_path = dir + "/out", err_path = dir + "/err";
   const pid_t pid = spawn(program, args, env, out_path, err_path);
   int status = 0;
