@@ -1,14 +1,20 @@
 // The CUDA path on a real GPU (CTest label `cuda`; scripts/gpu-check runs them with
 // `ctest -L cuda`). Every test skips itself, saying why, where no CUDA device is present: the
 // CPU-only build and GPU-less machines run them as skips.
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
+#include <cmath>
 #include <cstdio>
 #include <memory>
 #include <string>
 
 #include <torch/torch.h>
 
+#include "autotune/distributed.h"
 #include "autotune/gpt_workload.h"
 #include "autotune/memory.h"
 #include "autotune/precision.h"
@@ -135,4 +141,48 @@ TEST(Cuda, TheOomLadderRecoversInPlace) {
   ASSERT_FALSE(s.recoveries.empty());
   EXPECT_EQ(s.plan.global_batch(), 32) << "the effective batch survives the recovery";
   EXPECT_LT(s.plan.micro_batch, 16);
+}
+
+TEST(Cuda, NcclCarriesARanksCollectivesOnTheDevice) {
+  AUTOTUNE_NEED_CUDA();
+  // One GPU holds one NCCL rank (two ranks cannot share a device), so a world of one: the
+  // NCCL process group, the parameter broadcast, the OOM and stop agreements and the gradient
+  // all-reduces overlapped with backward (post-accumulate hooks, CUDA events) all run, and an
+  // average over one rank leaves the gradients as they are: the run ends on the loss of a run
+  // without a communicator.
+  int port = 0;
+  {
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof a;
+    ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+    ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
+    port = ntohs(a.sin_port);
+    close(fd);
+  }
+  WorldInfo world;
+  world.master_port = port;
+  Communicator comm(world, std::chrono::seconds(60), torch::Device(torch::kCUDA, 0));
+  EXPECT_EQ(comm.backend(), "nccl");
+  EXPECT_TRUE(comm.any(true));
+  EXPECT_FALSE(comm.any(false));
+  ASSERT_TRUE(overlap_allreduce(torch::Device(torch::kCUDA, 0)));
+  GptWorkload w(load_gpt_config("gpt-mini"), TokenFile::open(tu::corpus_path()), 3);
+  Plan p;
+  p.micro_batch = 4;
+  p.grad_accum = 2;
+  TrainOptions opt;
+  opt.steps = 3;
+  opt.eval_sequences = 0;
+  opt.device = torch::Device(torch::kCUDA, 0);
+  const RunSummary alone = train(w, p, opt);
+  opt.comm = &comm;
+  const RunSummary ranked = train(w, p, opt);
+  EXPECT_EQ(ranked.allreduce_calls, 3);
+  // CUDA kernels may sum in another order from run to run, so the loss, not the bytes.
+  EXPECT_NEAR(ranked.final_loss, alone.final_loss, 1e-4 * std::abs(alone.final_loss));
+  std::printf("parameters bit-identical with and without NCCL: %s\n",
+              ranked.params_digest == alone.params_digest ? "yes" : "no");
 }
