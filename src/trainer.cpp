@@ -110,7 +110,7 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
   Communicator* comm = opt.comm;
   const int world = comm ? comm->size() : 1, rank = comm ? comm->rank() : 0;
   // ZeRO-1 checkpoints: every rank's optimizer shard of the step is on disk.
-  auto shards_complete = [&](const std::string& path, const CheckpointMeta& meta) {
+  auto shards_complete = [&](const CheckpointMeta& meta) {
     for (int r = 1; r < meta.plan.optimizer_shards; ++r)
       if (!std::filesystem::exists(optimizer_shard_path(opt.run_dir, meta.step, r))) return false;
     return true;
@@ -118,6 +118,7 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
 
   // ---- resume: the checkpoint's plan wins (it may be a safer plan found by OOM recovery) ----
   std::string resume_from;
+  int64_t resume_step = 0;  // the step resume_from holds (it names its shards' files)
   if (opt.resume) {
     if (opt.run_dir.empty()) throw UsageError("--resume needs --run-dir DIR of an earlier run");
     auto files = list_checkpoints(opt.run_dir);
@@ -132,7 +133,7 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
                            std::to_string(meta->world_size) + " rank(s), this run has " +
                            std::to_string(world) + "; resume it with --nproc " +
                            std::to_string(meta->world_size));
-        if (!shards_complete(*it, *meta)) {
+        if (!shards_complete(*meta)) {
           spdlog::warn("checkpoint {} lacks a rank's optimizer shard; trying the one before", *it);
           continue;
         }
@@ -142,6 +143,7 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
                            std::to_string(plan.global_batch()) + "; use the same --global-batch");
         plan = meta->plan;
         resume_from = *it;
+        resume_step = meta->step;
       }
     if (resume_from.empty())
       throw UsageError("--resume: no complete checkpoint in " + checkpoint_dir(opt.run_dir) +
@@ -190,10 +192,9 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
   int64_t step = 0;
   if (!resume_from.empty()) {
     torch::Tensor scaler_state;
-    const std::string shard_file =
-        shards > 1 && rank > 0
-            ? optimizer_shard_path(opt.run_dir, read_checkpoint_meta(resume_from)->step, rank)
-            : std::string();
+    const std::string shard_file = shards > 1 && rank > 0
+                                       ? optimizer_shard_path(opt.run_dir, resume_step, rank)
+                                       : std::string();
     step =
         load_checkpoint(resume_from, *model, optimizer, &scaler_state, opt.device, shard_file).step;
     if (scaler.enabled() && scaler_state.numel() == 2) scaler.load_state(scaler_state);
