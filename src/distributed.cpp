@@ -437,8 +437,6 @@ void GradientReducer::abandon() {
     if (b.started && !b.done) complete(b, false);
 }
 
-namespace {
-
 int free_loopback_port() {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in a{};
@@ -454,6 +452,8 @@ int free_loopback_port() {
   close(fd);
   return port;
 }
+
+namespace {
 
 std::vector<pid_t> g_children;
 void forward_signal(int sig) {

@@ -211,12 +211,13 @@ Batch GptWorkload::val_batch(int64_t first, int64_t count, const Plan& plan, tor
 EstimateTerms GptWorkload::estimate_terms(const Plan& plan) const {
   // Bytes alive at the peaks of a training step, from what autograd saves for backward,
   // calibrated once against the counting allocator (docs/ESTIMATOR.md). B*T positions, C width,
-  // L layers, V vocab.
+  // L layers, V vocab, P parameters.
   const GptConfig c = config_for(plan);
   const double B = static_cast<double>(plan.micro_batch), T = static_cast<double>(c.seq_len);
   const double C = static_cast<double>(c.d_model), L = static_cast<double>(c.n_layer);
-  const double V = static_cast<double>(c.vocab_size);
+  const double V = static_cast<double>(c.vocab_size), P = static_cast<double>(c.n_params());
   const bool low = plan.precision != Precision::fp32;
+  const double value_bytes = low ? 2 : 4;  // an activation under autocast, or in fp32
   const double BT = B * T;
 
   EstimateTerms e;
@@ -226,29 +227,51 @@ EstimateTerms GptWorkload::estimate_terms(const Plan& plan) const {
   // 15.6 in fp32 (62.4*C bytes). Under autocast the two residuals stay fp32 (8*C bytes) and the
   // rest are 2-byte copies: measured 34.2*C bytes in all.
   const double block_bytes = BT * (low ? 34.2 * C : 62.4 * C);
-  // Backward working memory of one block: the incoming gradient and the widest (4C) gradient.
-  const double working = BT * 5 * 4 * C;
+  // Backward working memory of one block: the incoming gradient and the widest (4C) gradient,
+  // 2-byte under autocast like the activations they are gradients of.
+  const double working = BT * 5 * value_bytes * C;
+  const double final_norm = BT * 2 * 4 * C;  // ln_f's input and output, fp32 [B, T, C] each
+  const double logits_grad = BT * V * value_bytes;
   if (plan.checkpointing) {
     // Only each block's input (fp32) survives the forward; one block is recomputed at a time.
-    e.terms.push_back({"activations (block inputs)", BT * L * 4 * C});
-    // Two moments in backward: the last block's recomputation right after the head (12P + the
-    // block inputs + the logits' gradient + one block) and the first block's at the end (16P +
-    // one block). Expressed on top of 16P, the first is larger when 4P is small.
-    const double block_inputs = BT * L * 4 * C, logits_grad = BT * V * 4;
-    const double params4 = 4.0 * static_cast<double>(c.n_params());
-    e.backward_tail_bytes =
-        block_bytes + working + std::max(0.0, block_inputs + logits_grad - params4);
+    const double block_inputs = BT * L * 4 * C;
+    e.terms.push_back({"activations (block inputs)", block_inputs});
+    // Two moments in backward: the last block's recomputation right after the head (the block
+    // inputs, the final norm's saved tensors, the logits' gradient, one block and its working
+    // memory) and the first block's at the end (all gradients + one block). At grad_accum 1 the
+    // gradients are not yet allocated at the first moment; from the second micro-batch on they
+    // are. Expressed on top of the end's 16P.
+    const double first_extra = block_inputs + final_norm + logits_grad;
+    const double grads_missing = plan.grad_accum >= 2 ? 0.0 : 4 * P;
+    e.backward_tail_bytes = block_bytes + working + std::max(0.0, first_extra - grads_missing);
+    e.backward_start_bytes = logits_grad;
   } else {
     e.terms.push_back({"activations", L * block_bytes});
     e.backward_tail_bytes = block_bytes + working;
+    // As backward starts, everything saved is alive beside the loss's gradient [B, T, V] or,
+    // where the width outweighs the vocabulary, the last block's MLP backward: the projection's
+    // weight gradient [4C, C] fp32 and the [B, T, 2C]-sized share of its incoming gradients not
+    // yet offset by freed saved tensors (measured on gpt-10m at micro-batch 2, 4 and 8).
+    e.backward_start_bytes = std::max(logits_grad, 4 * C * C * 4 + BT * 2 * C * value_bytes);
   }
-  // The last residual (ln_f input) and ln_f output, fp32 [B, T, C] each.
-  e.terms.push_back({"final norm", BT * 2 * 4 * C});
+  e.terms.push_back({"final norm", final_norm});
   // Logits [B, T, V] (4 bytes, or 2 under autocast plus the fp32 copy the loss takes) and the
   // saved log-softmax (4 bytes).
   e.terms.push_back({"logits", BT * V * (low ? 2 + 4 + 4 : 4 + 4)});
   e.terms.push_back({"batch", B * (T + 1) * 8});
-  if (low) e.weight_copy_bytes = 2.0 * static_cast<double>(e.n_params);
+  if (low) e.weight_copy_bytes = 2.0 * P;
+  // Evaluation (no grad, at the eval batch): the larger of the logits with the loss's
+  // log-softmax and one block's forward temporaries (measured 15 fp32 C-vectors per position,
+  // 17 two-byte ones under autocast, on gpt-mini 32 x 1 and gpt-10m 8 x 1), beside autocast's
+  // weight copies.
+  const double eval_BT =
+      static_cast<double>(plan.eval_batch ? plan.eval_batch : plan.micro_batch) * T;
+  e.eval_bytes = e.weight_copy_bytes +
+                 eval_BT * std::max(V * (low ? 2 + 4 + 4 : 4 + 4), low ? 34 * C : 60 * C) +
+                 eval_BT / T * (T + 1) * 8;
+  // The caching allocator's reserved-above-allocated at the peak: 6-23% of the tensor peak over
+  // 12 GPT plans outside docs/BENCHMARKS.md's table, median 10%.
+  e.reserve_fraction = 0.10;
   return e;
 }
 

@@ -135,21 +135,30 @@ EstimateTerms LstmWorkload::estimate_terms(const Plan& plan) const {
   const double h4 = 4 * Hd;
   e.n_params =
       static_cast<int64_t>(h4 * (C + Hd + 2) + (L - 1) * h4 * (Hd + Hd + 2) + K * (Hd + 1));
-  // Fitted once to the counting allocator's peaks (fp32; lstm-small and lstm-medium at
-  // micro-batch 4 and 16, tests/test_estimator.cpp): oneDNN's LSTM keeps ~18 H values per
-  // sample, time step and layer for backward (4 gates, cell and hidden state, its workspace and
-  // each layer's output), and a copy of the weights in its own layout (4P).
-  const double saved = B * T * L * 18 * Hd * bytes;
-  const double weight_layouts = 4 * static_cast<double>(e.n_params);
+  const double P = static_cast<double>(e.n_params);
+  // Fitted once to the counting allocator's backward peaks (fp32; lstm-small at micro-batch 4
+  // and 32, lstm-medium at 2 and 16, lstm-large at 1 and 8; docs/ESTIMATOR.md): oneDNN's LSTM
+  // keeps 11.4 H values per sample, time step and layer for backward (its gates, cell and
+  // hidden states, workspace and each layer's output); the layer it back-propagates adds 17.4 H
+  // values per sample and step (gate and state gradients, its diff workspace); the weights in
+  // oneDNN's layout and the diff weights of the layer in flight take 5.8P bytes.
+  const double saved = B * T * L * 11.4 * Hd * bytes;
+  const double batch = B * T * (C + K) * 4 * 2, head = B * T * K * 4 * 3;
   e.terms.push_back({"activations", saved});
-  e.terms.push_back({"oneDNN weight layouts", weight_layouts});
-  e.terms.push_back({"batch", B * T * (C + K) * 4 * 2});
-  e.terms.push_back({"head", B * T * K * 4 * 3});
-  // Backward through time keeps everything saved plus the gate gradients of one layer
-  // ([B, T, 4H] fp32) until the gradients reach the first layer.
-  e.backward_tail_bytes = saved + weight_layouts + B * T * 4 * Hd * 4;
-  if (plan.precision != Precision::fp32)
-    e.weight_copy_bytes = 2.0 * static_cast<double>(e.n_params);
+  e.terms.push_back({"oneDNN weight layouts", 4 * P});
+  e.terms.push_back({"batch", batch});
+  e.terms.push_back({"head", head});
+  e.backward_tail_bytes = saved + B * T * 17.4 * Hd * bytes + 5.8 * P + batch + head;
+  // oneDNN writes the weight gradients when the LSTM's backward ends, after its peak.
+  e.gradients_after_backward_tail = true;
+  if (plan.precision != Precision::fp32) e.weight_copy_bytes = 2.0 * P;
+  // Evaluation (no grad): 6 H values per sample and step and half a weight copy in oneDNN's
+  // layout (fitted on the same shapes).
+  const double eval_B = static_cast<double>(plan.eval_batch ? plan.eval_batch : plan.micro_batch);
+  e.eval_bytes = e.weight_copy_bytes + eval_B * T * 6 * Hd * bytes + 2 * P;
+  // Reserved above allocated at the peak: 1.8-10.9% of the tensor peak on the shapes above,
+  // median 4.7%.
+  e.reserve_fraction = 0.05;
   return e;
 }
 

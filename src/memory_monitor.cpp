@@ -32,7 +32,8 @@ void MemoryMonitor::on_phase_end(Phase phase, int64_t step) {
               s.peak_tensor_bytes,
               s.peak_tensor_bytes - std::min(s.peak_tensor_bytes, tensor_at_begin_),
               s.device_peak_allocated_bytes,
-              s.peak_rss_bytes};
+              s.peak_rss_bytes,
+              s.peak_reserved_bytes};
   auto& agg = by_phase_[phase];
   agg.phase = phase;
   if (p.budget_bytes > agg.budget_bytes) agg.step = step;
@@ -40,6 +41,7 @@ void MemoryMonitor::on_phase_end(Phase phase, int64_t step) {
   agg.tensor_bytes = std::max(agg.tensor_bytes, p.tensor_bytes);
   agg.device_bytes = std::max(agg.device_bytes, p.device_bytes);
   agg.rss_bytes = std::max(agg.rss_bytes, p.rss_bytes);
+  agg.reserved_bytes = std::max(agg.reserved_bytes, p.reserved_bytes);
   if (p.budget_bytes > peak_.budget_bytes) peak_ = p;
   if (opt_.keep_history) history_.push_back(p);
   if (timeline_.is_open())
@@ -149,12 +151,14 @@ nlohmann::json MemoryMonitor::to_json() const {
     phases[to_string(phase)] = {{"budget_bytes", p.budget_bytes},
                                 {"tensor_bytes", p.tensor_bytes},
                                 {"device_bytes", p.device_bytes},
-                                {"rss_bytes", p.rss_bytes}};
-  uint64_t tensor = 0, device = 0, rss = 0;
+                                {"rss_bytes", p.rss_bytes},
+                                {"reserved_bytes", p.reserved_bytes}};
+  uint64_t tensor = 0, device = 0, rss = 0, reserved = 0;
   for (const auto& [phase, p] : by_phase_) {
     tensor = std::max(tensor, p.tensor_bytes);
     device = std::max(device, p.device_bytes);
     rss = std::max(rss, p.rss_bytes);
+    reserved = std::max(reserved, p.reserved_bytes);
   }
   return {
       {"peak_bytes", peak_.budget_bytes},
@@ -164,6 +168,7 @@ nlohmann::json MemoryMonitor::to_json() const {
       {"host",
        {{"peak_tensor_bytes", tensor},
         {"peak_rss_bytes", rss},
+        {"peak_reserved_bytes", reserved},
         {"baseline_bytes", meter_.baseline_bytes()}}},
       {"device", {{"peak_allocated_bytes", device}}},
       {"allocator",

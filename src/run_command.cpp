@@ -241,6 +241,7 @@ Probed probe_and_choose(RunContext& ctx, const ProfileStore& store, const std::s
   req.allowed_precisions = spec.preset_precisions;
   req.eval_batch = spec.eval_batch.value_or(ctx.policy().eval_batch_cap);
   req.low_precision = ctx.low_precision();
+  req.precision_speed = ctx.measured_precision_speeds();
   req.probe = probe;
   spdlog::info("probing: budget {} (usable {} after the margin), global batch {}, search {}",
                format_bytes(req.budget_bytes), format_bytes(req.usable_bytes), fp.global_batch,

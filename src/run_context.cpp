@@ -155,9 +155,16 @@ std::vector<Precision> RunContext::precisions_in_play() const {
   std::vector<Precision> in_play;
   for (Precision p : all)
     if (p == Precision::fp32 || spec_.search != "model" ||
-        matmul_speed_vs_fp32(device_, p) >= TunerRequest{}.min_precision_speed)
+        precision_speed(p) >= TunerRequest{}.min_precision_speed)
       in_play.push_back(p);
   return in_play;
+}
+
+double RunContext::precision_speed(Precision precision) const {
+  auto it = speeds_.find(precision);
+  if (it == speeds_.end())
+    it = speeds_.emplace(precision, matmul_speed_vs_fp32(device_, precision)).first;
+  return it->second;
 }
 
 void RunContext::warm_up(const std::vector<Precision>& precisions) {

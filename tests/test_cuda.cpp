@@ -1,10 +1,7 @@
 // The CUDA path on a real GPU (CTest label `cuda`; scripts/gpu-check runs them with
 // `ctest -L cuda`). Every test skips itself, saying why, where no CUDA device is present: the
 // CPU-only build and GPU-less machines run them as skips.
-#include <arpa/inet.h>
 #include <gtest/gtest.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -150,18 +147,7 @@ TEST(Cuda, NcclCarriesARanksCollectivesOnTheDevice) {
   // all-reduces overlapped with backward (post-accumulate hooks, CUDA events) all run, and an
   // average over one rank leaves the gradients as they are: the run ends on the loss of a run
   // without a communicator.
-  int port = 0;
-  {
-    const int fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof a;
-    ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
-    ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
-    port = ntohs(a.sin_port);
-    close(fd);
-  }
+  const int port = free_loopback_port();
   WorldInfo world;
   world.master_port = port;
   Communicator comm(world, std::chrono::seconds(60), torch::Device(torch::kCUDA, 0));

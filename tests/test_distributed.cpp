@@ -1,11 +1,8 @@
 // Data parallel on c10d (TCPStore + Gloo), with real ranks: two processes of the real binary on
 // loopback, started by `--nproc 2` or by torchrun.
-#include <arpa/inet.h>
 #include <gtest/gtest.h>
-#include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -20,6 +17,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "autotune/distributed.h"
 #include "autotune/gpt_workload.h"
 #include "test_support.h"
 
@@ -477,18 +475,7 @@ TEST(Distributed, TheRankWithTheSmallestBudgetProbesForAll) {
   // device's size). Rank 1's budget is the smaller, so rank 1 probes, and the plan it finds is
   // verified on both and fits each rank's own budget.
   const std::string dir = tu::temp_dir("dp-unlike");
-  int port = 0;
-  {
-    const int fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof a;
-    ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
-    ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
-    port = ntohs(a.sin_port);
-    close(fd);
-  }
+  const int port = free_loopback_port();
   const std::vector<std::string> args = {"run",
                                          "--data",
                                          tu::corpus_path(),

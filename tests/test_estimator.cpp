@@ -1,8 +1,9 @@
-// The estimator against measurement: the analytic tensor peak of a training step within 10% of
-// the counting allocator's measured peak, for fp32/bf16 x checkpointing off/on x 2 GPT sizes,
-// and 2 LSTM sizes x 2 micro-batches; and the budget figure `autotune estimate` prints against
-// the one `autotune train` measures, in separate processes as a user runs them, on shapes the
-// estimator's constants were not fitted on.
+// The estimator against measurement: the analytic tensor peak of a training step within 5% of
+// the counting allocator's measured peak, for fp32/bf16 x checkpointing off/on x grad_accum 1/4
+// x 2 GPT sizes, and 2 LSTM sizes x 2 micro-batches x grad_accum 1/4; and the budget figure
+// `autotune estimate` prints against the one `autotune train` measures, in separate processes as
+// a user runs them, for the presets at the micro-batches they train at on a small machine (none
+// of them among the shapes the estimator's constants were fitted on, docs/ESTIMATOR.md).
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
@@ -35,64 +36,76 @@ uint64_t measured_tensor_peak(Workload& w, const Plan& plan, MemoryMeter& meter)
 }
 }  // namespace
 
-TEST(Estimator, WithinTenPercentOfMeasuredPeak) {
+TEST(Estimator, TensorPeakWithinFivePercentOfMeasured) {
   MemoryMeter meter(torch::kCPU);
   auto data = TokenFile::open(tu::corpus_path());
   int checked = 0;
   double worst = 0;
-  std::printf("%-10s %-5s %-4s %4s %12s %12s %8s\n", "model", "prec", "ckpt", "mb", "estimate",
-              "measured", "error");
+  std::printf("%-10s %-5s %-4s %4s %2s %12s %12s %8s\n", "model", "prec", "ckpt", "mb", "ga",
+              "estimate", "measured", "error");
   for (const char* model : {"gpt-mini", "gpt-10m"}) {
     GptWorkload w(load_gpt_config(model), data, 1);
     for (Precision prec : {Precision::fp32, Precision::bf16})
-      for (bool ckpt : {false, true}) {
-        Plan p;
-        p.micro_batch = std::string(model) == "gpt-10m" ? 4 : 16;
-        p.precision = prec;
-        p.checkpointing = ckpt;
-        const double est = static_cast<double>(estimate_memory(w, p, 0).tensor_peak_bytes);
-        const double got = static_cast<double>(measured_tensor_peak(w, p, meter));
-        const double err = (est - got) / got;
-        worst = std::max(worst, std::abs(err));
-        std::printf("%-10s %-5s %-4s %4lld %10.1fMiB %10.1fMiB %+7.1f%%\n", model,
-                    to_string(prec).c_str(), ckpt ? "on" : "off",
-                    static_cast<long long>(p.micro_batch), est / 1048576.0, got / 1048576.0,
-                    100 * err);
-        EXPECT_LE(std::abs(err), 0.10) << model << " " << to_string(prec) << " ckpt " << ckpt;
-        ++checked;
-      }
+      for (bool ckpt : {false, true})
+        for (int64_t ga : {int64_t{1}, int64_t{4}}) {
+          Plan p;
+          p.micro_batch = std::string(model) == "gpt-10m" ? 4 : 16;
+          p.grad_accum = ga;
+          p.precision = prec;
+          p.checkpointing = ckpt;
+          const double est = static_cast<double>(estimate_memory(w, p, 0).tensor_peak_bytes);
+          const double got = static_cast<double>(measured_tensor_peak(w, p, meter));
+          const double err = (est - got) / got;
+          worst = std::max(worst, std::abs(err));
+          std::printf("%-10s %-5s %-4s %4lld %2lld %10.1fMiB %10.1fMiB %+7.1f%%\n", model,
+                      to_string(prec).c_str(), ckpt ? "on" : "off",
+                      static_cast<long long>(p.micro_batch), static_cast<long long>(ga),
+                      est / 1048576.0, got / 1048576.0, 100 * err);
+          EXPECT_LE(std::abs(err), 0.05)
+              << model << " " << to_string(prec) << " ckpt " << ckpt << " grad_accum " << ga;
+          ++checked;
+        }
   }
   // The LSTM (fp32: its bf16 has no oneDNN kernel on CPUs without AVX512-BF16).
   for (const char* model : {"lstm-small", "lstm-medium"}) {
     LstmWorkload w(load_lstm_config(model), 1);
-    for (int64_t mb : {int64_t{4}, int64_t{16}}) {
-      Plan p;
-      p.micro_batch = mb;
-      const double est = static_cast<double>(estimate_memory(w, p, 0).tensor_peak_bytes);
-      const double got = static_cast<double>(measured_tensor_peak(w, p, meter));
-      const double err = (est - got) / got;
-      worst = std::max(worst, std::abs(err));
-      std::printf("%-10s %-5s %-4s %4lld %10.1fMiB %10.1fMiB %+7.1f%%\n", model, "fp32", "-",
-                  static_cast<long long>(mb), est / 1048576.0, got / 1048576.0, 100 * err);
-      EXPECT_LE(std::abs(err), 0.10) << model << " micro-batch " << mb;
-      ++checked;
-    }
+    for (int64_t mb : {int64_t{4}, int64_t{16}})
+      for (int64_t ga : {int64_t{1}, int64_t{4}}) {
+        Plan p;
+        p.micro_batch = mb;
+        p.grad_accum = ga;
+        const double est = static_cast<double>(estimate_memory(w, p, 0).tensor_peak_bytes);
+        const double got = static_cast<double>(measured_tensor_peak(w, p, meter));
+        const double err = (est - got) / got;
+        worst = std::max(worst, std::abs(err));
+        std::printf("%-10s %-5s %-4s %4lld %2lld %10.1fMiB %10.1fMiB %+7.1f%%\n", model, "fp32",
+                    "-", static_cast<long long>(mb), static_cast<long long>(ga), est / 1048576.0,
+                    got / 1048576.0, 100 * err);
+        EXPECT_LE(std::abs(err), 0.05) << model << " micro-batch " << mb << " grad_accum " << ga;
+        ++checked;
+      }
   }
   std::printf("worst error %.1f%% over %d configurations\n", 100 * worst, checked);
-  EXPECT_GE(checked, 12);
+  EXPECT_GE(checked, 24);
 }
 
 TEST(Estimator, TheBudgetFigureOfEstimateMatchesTrain) {
-  // Bound on |estimate - measured| / measured of the budget figure (baseline + reserve + tensor
-  // peak); docs/BENCHMARKS.md records the error per preset (scripts/bench-estimator).
-  constexpr double kBound = 0.05;
+  // Bound on |estimate - measured| / measured of the budget figure (baseline + tensor peak +
+  // reserve + what grows outside tensors). The goal is 3%; the caching allocator's reserve
+  // moves between 5% and 23% of the tensor peak from shape to shape, which no closed form
+  // follows, so single shapes land up to 5% off (docs/ESTIMATOR.md; scripts/bench-estimator
+  // records every preset at grad_accum 1 and 4 in docs/BENCHMARKS.md).
+  constexpr double kBound = 0.04;
   struct Case {
     const char* model;
     const char* micro_batch;
     const char* grad_accum;
   };
+  int checked = 0;
   for (const Case c :
-       {Case{"gpt-tiny", "16", "1"}, Case{"gpt-10m", "2", "4"}, Case{"lstm-medium", "8", "4"}}) {
+       {Case{"gpt-tiny", "16", "1"}, Case{"gpt-mini", "16", "4"}, Case{"gpt-10m", "4", "1"},
+        Case{"gpt-10m", "2", "4"}, Case{"lstm-small", "16", "4"}, Case{"lstm-medium", "8", "1"},
+        Case{"lstm-large", "4", "1"}}) {
     std::vector<std::string> plan = {"--model",      c.model,      "--micro-batch", c.micro_batch,
                                      "--grad-accum", c.grad_accum, "--precision",   "fp32"};
     if (std::string(c.model).rfind("lstm", 0) != 0)  // the LSTM trains on synthetic signals
@@ -120,5 +133,7 @@ TEST(Estimator, TheBudgetFigureOfEstimateMatchesTrain) {
         100 * err, e.at("baseline_bytes").get<double>() / 1048576.0,
         g.at("host").at("baseline_bytes").get<double>() / 1048576.0);
     EXPECT_LE(std::abs(err), kBound) << c.model << " " << c.micro_batch << " x " << c.grad_accum;
+    ++checked;
   }
+  EXPECT_EQ(checked, 7);
 }

@@ -14,12 +14,12 @@ namespace {
 // The counting allocator aligns every block to 64 bytes and keeps a 64-byte header; the fraction
 // of memory lost to that and to short-lived temporaries at the peak.
 constexpr double kSlackFraction = 0.01;
-// What the budget figure holds above the tensors' peak on CPU: the caching allocator's reserved
-// bytes above its allocated bytes at the peak (cached blocks a split could not reuse) and the
-// free heap glibc keeps mapped below its trim threshold. Fitted once on gpt-mini fp32, micro-batch
-// 16 x 1 and 4 x 4 (docs/ESTIMATOR.md); every other shape is a prediction.
-constexpr double kReservedOverAllocatedFraction = 0.12;
+// What a step grows outside the counting allocator, on CPU: the free heap glibc keeps mapped
+// below its trim threshold, and under autocast oneDNN's reorder and scratch buffers for
+// low-precision matmuls (measured 7.6-9.8 MiB over gpt-mini and gpt-10m bf16 at micro-batch
+// 2-32, above the warm-up step's baseline; docs/ESTIMATOR.md).
 constexpr double kHeapKeptBytes = 1.3 * 1048576;
+constexpr double kLowPrecisionScratchBytes = 8.0 * 1048576;
 }  // namespace
 
 nlohmann::json Estimate::to_json() const {
@@ -31,6 +31,7 @@ nlohmann::json Estimate::to_json() const {
           {"tensor_peak_bytes", tensor_peak_bytes},
           {"baseline_bytes", baseline_bytes},
           {"reserve_bytes", reserve_bytes},
+          {"untracked_bytes", untracked_bytes},
           {"n_params", n_params},
           {"terms", terms}};
 }
@@ -52,43 +53,57 @@ Estimate estimate_memory(const Workload& workload, const Plan& plan, uint64_t ba
       plan.optimizer_shards > 1 ? std::min(4 * P / shards, 25.0 * 1048576) : 0.0;
   double activations = 0;
   for (const auto& term : t.terms) activations += term.bytes;
-  // The three candidate peaks of a step:
-  //   end of forward : params + optimizer + everything saved for backward
-  //   end of backward: params + optimizer + all gradients + the first block's tail
-  //   optimizer step : params + optimizer + gradients + one parameter's temporaries
+  // The candidate peaks of a step; the estimate is the largest.
+  //   end of forward   : params + optimizer + everything saved for backward
+  //   start of backward: the same + the loss's gradient (or the last block's first gradients)
+  //   end of backward  : params + optimizer + all gradients + the first block's tail
+  //   optimizer step   : params + optimizer + gradients (+ a broadcast bucket with ZeRO-1)
+  //   evaluation       : params + optimizer + the last step's gradients + a no-grad forward
   // With grad_accum >= 2 every forward after the first runs beside the gradients the earlier
   // micro-batches accumulated.
-  const double grads_in_forward = plan.grad_accum >= 2 ? grads : 0;
+  const bool accumulating = plan.grad_accum >= 2;
+  const double grads_in_forward = accumulating ? grads : 0;
   const double forward_end =
       params + optimizer + grads_in_forward + activations + t.weight_copy_bytes;
+  const double backward_start = forward_end + t.backward_start_bytes;
   // The autocast weight copies die with the forward's autocast scope (the saved ones are
   // released as backward consumes them), so they are not part of the backward's end.
-  const double backward_end = params + optimizer + grads + t.backward_tail_bytes;
+  const double grads_at_tail = t.gradients_after_backward_tail && !accumulating ? 0 : grads;
+  const double backward_end = params + optimizer + grads_at_tail + t.backward_tail_bytes;
   const double optimizer_step = params + optimizer + grads + broadcast_bucket;
-  double peak = std::max({forward_end, backward_end, optimizer_step});
-  e.peak_phase =
-      peak == forward_end ? "forward" : (peak == backward_end ? "backward" : "optimizer");
+  const double eval = params + optimizer + grads + t.eval_bytes;
+  double peak = std::max({forward_end, backward_start, backward_end, optimizer_step, eval});
 
   std::vector<std::pair<std::string, double>> lines = {{"params", params},
                                                        {"optimizer", optimizer}};
-  if (e.peak_phase == "forward") {
+  if (peak == forward_end || peak == backward_start) {
+    e.peak_phase = peak == forward_end ? "forward" : "backward";
     if (grads_in_forward > 0) lines.push_back({"grads (accumulating)", grads_in_forward});
     for (const auto& term : t.terms) lines.push_back({term.name, term.bytes});
-  } else {
+    if (t.weight_copy_bytes > 0) lines.push_back({"autocast weight copies", t.weight_copy_bytes});
+    if (e.peak_phase == "backward") lines.push_back({"backward start", t.backward_start_bytes});
+  } else if (peak == backward_end) {
+    e.peak_phase = "backward";
+    if (grads_at_tail > 0) lines.push_back({"grads", grads});
+    lines.push_back({"backward tail", t.backward_tail_bytes});
+  } else if (peak == optimizer_step) {
+    e.peak_phase = "optimizer";
     lines.push_back({"grads", grads});
-    if (e.peak_phase == "backward") lines.push_back({"backward tail", t.backward_tail_bytes});
-    if (e.peak_phase == "optimizer" && broadcast_bucket > 0)
-      lines.push_back({"broadcast bucket", broadcast_bucket});
+    if (broadcast_bucket > 0) lines.push_back({"broadcast bucket", broadcast_bucket});
+  } else {
+    e.peak_phase = "eval";
+    lines.push_back({"grads (last step's)", grads});
+    lines.push_back({"eval forward", t.eval_bytes});
   }
-  if (t.weight_copy_bytes > 0 && e.peak_phase == "forward")
-    lines.push_back({"autocast weight copies", t.weight_copy_bytes});
   lines.push_back({"slack", peak * kSlackFraction});
   peak += peak * kSlackFraction;
   for (const auto& l : lines) e.lines.push_back({l.first, static_cast<uint64_t>(l.second)});
   e.tensor_peak_bytes = static_cast<uint64_t>(peak);
   e.baseline_bytes = baseline_bytes;
-  e.reserve_bytes = static_cast<uint64_t>(peak * kReservedOverAllocatedFraction + kHeapKeptBytes);
-  e.peak_bytes = e.tensor_peak_bytes + e.reserve_bytes + baseline_bytes;
+  e.reserve_bytes = static_cast<uint64_t>(peak * t.reserve_fraction);
+  e.untracked_bytes = static_cast<uint64_t>(
+      kHeapKeptBytes + (plan.precision != Precision::fp32 ? kLowPrecisionScratchBytes : 0.0));
+  e.peak_bytes = e.tensor_peak_bytes + e.reserve_bytes + e.untracked_bytes + baseline_bytes;
   return e;
 }
 
@@ -103,7 +118,9 @@ void print_estimate(const Estimate& e) {
   rows.push_back(
       {"tensor peak", format_bytes(e.tensor_peak_bytes) + " (at the " + e.peak_phase + " peak)"});
   rows.push_back({"allocator reserve",
-                  format_bytes(e.reserve_bytes) + " (reserved above allocated, heap kept)"});
+                  format_bytes(e.reserve_bytes) + " (reserved above allocated at the peak)"});
+  rows.push_back(
+      {"outside tensors", format_bytes(e.untracked_bytes) + " (heap kept, low-precision scratch)"});
   rows.push_back({"process baseline", format_bytes(e.baseline_bytes) + " (after a warm-up step)"});
   if (e.activations_known) {
     rows.push_back({"peak (budget figure)", format_bytes(e.peak_bytes)});

@@ -355,7 +355,10 @@ class Tuner {
     fast_.clear();
     for (Precision p : precisions_) {
       if (p != Precision::fp32) {
-        result_.precision_speed[p] = matmul_speed_vs_fp32(r_.probe.device, p);
+        const auto known = r_.precision_speed.find(p);
+        result_.precision_speed[p] = known != r_.precision_speed.end()
+                                         ? known->second
+                                         : matmul_speed_vs_fp32(r_.probe.device, p);
         if (result_.precision_speed[p] < r_.min_precision_speed) {
           slow_.push_back(p);
           continue;

@@ -134,6 +134,10 @@ class GradientReducer {
 // or 0 decides instead (tests, benchmarks).
 bool overlap_allreduce(torch::Device device);
 
+// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, read back, closed): where
+// rank 0's store listens. Throws RuntimeError when no socket can be bound.
+int free_loopback_port();
+
 // `--nproc N`: starts N copies of this executable (same arguments, without --nproc) as ranks
 // 0..N-1 on a free loopback port, each with its share of the cores, and waits. When a rank fails,
 // the others are stopped (SIGTERM, then SIGKILL after `grace`) and one line names the rank.

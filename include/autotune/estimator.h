@@ -24,10 +24,12 @@ struct Estimate {
   int64_t n_params = 0;
   std::vector<EstimateLine> lines;  // params, grads, optimizer, activations..., slack
   uint64_t tensor_peak_bytes = 0;   // sum of lines: the counting allocator's peak
-  std::string peak_phase;           // forward | backward | optimizer: where that peak is
-  uint64_t reserve_bytes = 0;       // reserved above allocated at the peak, and heap kept
-  uint64_t baseline_bytes = 0;      // process memory outside tensors
-  uint64_t peak_bytes = 0;          // the budget figure: tensor peak + reserve + baseline
+  std::string peak_phase;           // forward | backward | optimizer | eval: where that peak is
+  uint64_t reserve_bytes = 0;       // the caching allocator's reserved above allocated at the peak
+  uint64_t untracked_bytes = 0;     // what a step grows outside tensors (heap kept, scratch)
+  uint64_t baseline_bytes = 0;      // process memory outside tensors after the warm-up step
+  // The budget figure: tensor peak + reserve + untracked + baseline.
+  uint64_t peak_bytes = 0;
   // False for an opaque model: its activations are not counted above (the figures are a floor)
   // and come from the probes.
   bool activations_known = true;

@@ -26,6 +26,7 @@ struct PhasePeak {
   uint64_t tensor_growth_bytes = 0;  // of which allocated during the phase (peak - at its start)
   uint64_t device_bytes = 0;         // accelerator peak allocated
   uint64_t rss_bytes = 0;            // process peak RSS
+  uint64_t reserved_bytes = 0;       // CPU counting allocator's peak reserved (tensors + cache)
 };
 
 struct MemoryMonitorOptions {

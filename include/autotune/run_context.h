@@ -3,6 +3,7 @@
 // RunContext from the RunSpec and hand it plans.
 #pragma once
 #include <atomic>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -51,6 +52,10 @@ class RunContext {
   void warm_up(const std::vector<Precision>& precisions);
   // The precisions a probe or run may visit: the pinned one, or fp32 and the fast low one.
   std::vector<Precision> precisions_in_play() const;
+  // matmul_speed_vs_fp32 on this run's device, measured once per precision and kept: the search
+  // is handed these (TunerRequest::precision_speed) instead of timing the matmuls again.
+  double precision_speed(Precision precision) const;
+  const std::map<Precision, double>& measured_precision_speeds() const { return speeds_; }
   // Applies the budgets as hard limits: on CPU the counting allocator's cap (budget - margin -
   // baseline) and RSS limit; on an accelerator the caching allocator's memory fraction (budget -
   // context) and the host budget through the CPU allocator. No budget: no cap.
@@ -79,6 +84,7 @@ class RunContext {
   uint64_t margin_bytes_ = 0;
   std::optional<uint64_t> host_budget_bytes_;
   Precision low_precision_ = Precision::bf16;
+  mutable std::map<Precision, double> speeds_;  // precision_speed's measurements
   ModeChoice mode_, host_mode_;
   ModePolicy policy_;
   std::unique_ptr<MemoryMonitor> monitor_;

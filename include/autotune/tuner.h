@@ -123,6 +123,9 @@ struct TunerRequest {
   // fraction of fp32's speed on the device (matmul_speed_vs_fp32), or no fp32 plan fits (slow
   // beats nothing), or fp32 is not a candidate (pinned or a preset). 0: always probe.
   double min_precision_speed = 0.8;
+  // matmul_speed_vs_fp32 values the caller has already measured on this device (RunContext);
+  // the search times only the precisions missing here.
+  std::map<Precision, double> precision_speed;
   ProbeOptions probe;
 };
 

@@ -80,10 +80,24 @@ struct EstimateTerms {
   int64_t n_params = 0;
   // Alive at the end of the forward (step 2 on: AdamW states exist, gradients do not yet).
   std::vector<EstimateTerm> terms;
+  // Allocated as backward starts, on top of everything alive at the end of the forward: the
+  // loss's gradient, or the first block's weight gradients and its widest incoming gradient.
+  double backward_start_bytes = 0;
   // Activation bytes alive while the last gradients are produced (all gradients allocated):
   // the first block's saved tensors (or its recomputation) plus its backward working memory.
   double backward_tail_bytes = 0;
+  // True where the backward's peak comes before the gradients are written (oneDNN's LSTM
+  // writes its weight gradients when its backward ends): at grad_accum 1 none is alive at the
+  // tail; from the second micro-batch on, the accumulated ones are.
+  bool gradients_after_backward_tail = false;
   double weight_copy_bytes = 0;  // autocast's low-precision weight copies (alive in both)
+  // Alive at the evaluation's peak (no-grad forward at the plan's eval batch) on top of the
+  // parameters, AdamW states and the last step's gradients, which are still allocated then.
+  double eval_bytes = 0;
+  // The caching allocator's reserved bytes above its allocated bytes at the peak, as a fraction
+  // of the tensor peak: cached blocks no request could reuse. Measured per workload on shapes
+  // the other terms were not fitted on (docs/ESTIMATOR.md).
+  double reserve_fraction = 0.10;
   // False for an opaque model (TorchScript): its activations are not in `terms` but measured by
   // the probes, and the search fits its line from measured peaks alone.
   bool activations_known = true;
