@@ -264,11 +264,10 @@ EstimateTerms GptWorkload::estimate_terms(const Plan& plan) const {
   // log-softmax and one block's forward temporaries (measured 15 fp32 C-vectors per position,
   // 17 two-byte ones under autocast, on gpt-mini 32 x 1 and gpt-10m 8 x 1), beside autocast's
   // weight copies.
-  const double eval_BT =
-      static_cast<double>(plan.eval_batch ? plan.eval_batch : plan.micro_batch) * T;
+  const double eval_B = static_cast<double>(plan.eval_batch_or_micro_batch());
   e.eval_bytes = e.weight_copy_bytes +
-                 eval_BT * std::max(V * (low ? 2 + 4 + 4 : 4 + 4), low ? 34 * C : 60 * C) +
-                 eval_BT / T * (T + 1) * 8;
+                 eval_B * T * std::max(V * (low ? 2 + 4 + 4 : 4 + 4), low ? 34 * C : 60 * C) +
+                 eval_B * (T + 1) * 8;
   // The caching allocator's reserved-above-allocated at the peak: 6-23% of the tensor peak over
   // 12 GPT plans outside docs/BENCHMARKS.md's table, median 10%.
   e.reserve_fraction = 0.10;

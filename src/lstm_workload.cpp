@@ -154,7 +154,7 @@ EstimateTerms LstmWorkload::estimate_terms(const Plan& plan) const {
   if (plan.precision != Precision::fp32) e.weight_copy_bytes = 2.0 * P;
   // Evaluation (no grad): 6 H values per sample and step and half a weight copy in oneDNN's
   // layout (fitted on the same shapes).
-  const double eval_B = static_cast<double>(plan.eval_batch ? plan.eval_batch : plan.micro_batch);
+  const double eval_B = static_cast<double>(plan.eval_batch_or_micro_batch());
   e.eval_bytes = e.weight_copy_bytes + eval_B * T * 6 * Hd * bytes + 2 * P;
   // Reserved above allocated at the peak: 1.8-10.9% of the tensor peak on the shapes above,
   // median 4.7%.

@@ -232,7 +232,7 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
   auto evaluate = [&]() -> double {
     model->eval();
     torch::NoGradGuard no_grad;
-    int64_t eval_batch = plan.eval_batch ? plan.eval_batch : plan.micro_batch;
+    int64_t eval_batch = plan.eval_batch_or_micro_batch();
     for (;;) {
       try {
         notify([&](TrainObserver& o) { o.on_phase_begin(Phase::eval); });

@@ -180,7 +180,7 @@ Trial run_trial(Workload& workload, const Plan& plan, const ProbeOptions& opt, M
   t.plan = plan;
   const Plan probe_plan = probe_plan_of(plan);
   TrainOptions to = probe_train_options(opt, opt.measured_steps);
-  const int64_t eval_batch = plan.eval_batch ? plan.eval_batch : plan.micro_batch;
+  const int64_t eval_batch = plan.eval_batch_or_micro_batch();
   to.eval_sequences = eval_batch;  // one evaluation forward
 
   MemoryMonitorOptions mo;

@@ -21,6 +21,7 @@ struct Plan {
   int64_t seq_len = 0;         // tokens per sequence (0: the workload's default)
   int64_t d_model = 0;         // model width (0: the workload's default)
   int64_t eval_batch = 0;      // sequences per eval forward (0: micro_batch)
+  int64_t eval_batch_or_micro_batch() const { return eval_batch ? eval_batch : micro_batch; }
   // Data parallel, ZeRO stage 1: the AdamW states are split over this many ranks (1: every rank
   // keeps all of them). Each rank updates the parameters whose states it holds, then sends them
   // to the others. 1 or the world size.
