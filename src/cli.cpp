@@ -13,6 +13,7 @@
 #include "autotune/commands.h"
 #include "autotune/distributed.h"
 #include "autotune/errors.h"
+#include "autotune/isolated_trials.h"
 #include "autotune/report.h"
 #include "autotune/reporter.h"
 #include "autotune/run_spec.h"
@@ -267,7 +268,7 @@ RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r) {
   positive("dist-timeout", s.dist_timeout_s);
   if (s.nproc > 1 && command != "run" && command != "probe")
     throw UsageError("--nproc works with autotune run and probe; drop it from " + command);
-  if (s.shard_optimizer && command != "run" && command != "probe")
+  if (s.shard_optimizer && command != "run" && command != "probe" && command != "trial")
     throw UsageError(
         "--shard-optimizer works with autotune run and probe (with --nproc); drop it "
         "from " +
@@ -300,7 +301,9 @@ int dispatch(int argc, char** argv) {
   if (command == "prepare-data") return prepare_data_command(argc - first + 1, argv + first - 1);
   if (command == "profiles") return profiles_command(argc - first + 1, argv + first - 1);
   if (command == "report") return report_command(argc - first + 1, argv + first - 1);
-  if (command != "run" && command != "probe" && command != "train" && command != "estimate") {
+  // `trial` is not for people: autotune run and probe start it for each trial (isolated_trials.h).
+  if (command != "run" && command != "probe" && command != "train" && command != "estimate" &&
+      command != "trial") {
     const std::string near = closest(command, kCommands);
     throw UsageError("unknown command '" + command + "'" +
                      (near.empty() ? "" : ": did you mean " + near + "?") +
@@ -357,7 +360,7 @@ int dispatch(int argc, char** argv) {
   // A rank started by --nproc says the launcher's command in its "run again" hint.
   if (const char* launched = std::getenv("AUTOTUNE_LAUNCH_COMMAND"); launched && *launched)
     spec.command_line = launched;
-  spec.argv.assign(argv, argv + argc);
+  spec.flags.assign(argv + first, argv + argc);
   if (spec.json) live_line::set_enabled(false);  // plain lines beside a machine-read stdout
   if (spec.quiet) spdlog::set_level(spdlog::level::warn);
   if (spec.verbose) spdlog::set_level(spdlog::level::debug);
@@ -382,6 +385,7 @@ int dispatch(int argc, char** argv) {
     return launch_local_ranks(static_cast<int>(spec.nproc), rank_argv,
                               std::chrono::seconds(spec.dist_timeout_s));
   }
+  if (command == "trial") return trial_command(spec);
   if (command == "train") return train_command(spec);
   if (command == "estimate") return estimate_command(spec);
   return tune_command(spec);  // run | probe
@@ -399,6 +403,9 @@ int cli_main(int argc, char** argv) {
   } catch (const cxxopts::exceptions::exception& e) {
     spdlog::error("{}; see autotune --help", e.what());
     return kExitUsage;
+  } catch (const StoppedBySignal& e) {
+    spdlog::warn("{}", e.what());
+    return 128 + e.signal;
   } catch (const RuntimeError& e) {
     spdlog::error("{}", e.what());
     return kExitRuntime;

@@ -355,7 +355,8 @@ void MemoryMeter::remeasure_baseline() {
     const uint64_t used = total_bytes > free_bytes ? total_bytes - free_bytes : 0;
     // On a shared device this also holds other processes' memory: the budget then counts it,
     // which errs on the safe side.
-    context_bytes_ = used > device_reserved ? used - device_reserved : 0;
+    const uint64_t outside = device_reserved + excluded_device_bytes_;
+    context_bytes_ = used > outside ? used - outside : 0;
   }
 }
 

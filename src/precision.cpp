@@ -2,6 +2,7 @@
 
 #include <ATen/autocast_mode.h>
 
+#include <atomic>
 #include <cstdlib>
 
 namespace autotune {
@@ -38,9 +39,18 @@ AutocastScope::AutocastScope(c10::DeviceType type, bool enabled, c10::ScalarType
   enter(enabled, dtype);
 }
 
+namespace {
+std::atomic<int64_t> g_autocast_regions{0};
+}
+
+int64_t autocast_regions_entered() {
+  return g_autocast_regions.load();
+}
+
 void AutocastScope::enter(bool enabled, c10::ScalarType dtype) {
   if (!enabled) return;
   active_ = true;
+  g_autocast_regions.fetch_add(1, std::memory_order_relaxed);
   prev_enabled_ = at::autocast::is_autocast_enabled(type_);
   prev_dtype_ = at::autocast::get_autocast_dtype(type_);
   at::autocast::set_autocast_enabled(type_, true);

@@ -1,12 +1,8 @@
 // `autotune run` and `autotune probe`: reuse a valid profile or probe, then (run) train with the
 // chosen plan and write the full run's peak back into the profile. Read top to bottom in
 // tune_command; each step is a function above it.
-#include <unistd.h>
-
 #include <algorithm>
-#include <cerrno>
 #include <cstdlib>
-#include <cstring>
 #include <filesystem>
 #include <iostream>
 #include <tuple>
@@ -15,6 +11,7 @@
 
 #include "autotune/commands.h"
 #include "autotune/errors.h"
+#include "autotune/isolated_trials.h"
 #include "autotune/machine.h"
 #include "autotune/profile.h"
 #include "autotune/reporter.h"
@@ -56,10 +53,12 @@ Fingerprint make_fingerprint(RunContext& ctx, int64_t global_batch) {
   return fp;
 }
 
-// A trial's result in a word: `fits_word`, OOM, slow (stopped early), error or no (above budget).
+// A trial's result in a word: `fits_word`, OOM, Killed (by the kernel), slow (stopped early),
+// error or no (above budget).
 const char* outcome(const Trial& t, const char* fits_word) {
   if (t.fits) return fits_word;
   if (t.oom) return "OOM";
+  if (t.killed) return "Killed";
   if (t.too_slow) return "slow";
   return t.error ? "error" : "no";
 }
@@ -119,12 +118,15 @@ ProfileStore open_store(const RunSpec& spec) {
   return store;
 }
 
-// The stored profile for this setup when it still fits here, verified over two steps (step 1
-// creates the AdamW states in its optimizer phase, so only step 2 reaches parameters + gradients
-// + states + activations); nullopt means probe.
+// The stored profile for this setup when it still fits here, verified over two steps in a fresh
+// process (step 1 creates the AdamW states in its optimizer phase, so only step 2 reaches
+// parameters + gradients + states + activations); nullopt means probe. The verification runs
+// beside this process, which then trains: a plan that no longer fits (the machine changed) leaves
+// nothing behind here, and the probe that follows is isolated as well.
 std::optional<Profile> reusable_profile(RunContext& ctx, const ProfileStore& store,
                                         const std::string& path, const Fingerprint& fp,
-                                        const ProbeOptions& probe, uint64_t* verified_peak) {
+                                        const ProbeOptions& probe, TrialRunner& trials,
+                                        uint64_t* verified_peak) {
   const RunSpec& spec = ctx.spec();
   if (!spec.profile_file.empty() && !std::filesystem::exists(path))
     throw UsageError("--profile " + path + ": no such file; drop --profile to probe");
@@ -150,16 +152,19 @@ std::optional<Profile> reusable_profile(RunContext& ctx, const ProfileStore& sto
     return std::nullopt;
   }
   if (!profile) return std::nullopt;
-  const Trial t = verify_plan(ctx.workload(), profile->plan, probe, ctx.meter());
+  ProbeOptions verify = probe;
+  verify.measured_steps = 1;
+  verify.min_measure_s = 0;
+  const Trial t = trials.run(profile->plan, verify);
   *verified_peak = t.peak_bytes;
   if (!t.fits) {
-    spdlog::warn("profile {} no longer fits ({}: peak {}); re-probing", path, t.reason,
-                 format_bytes(t.peak_bytes));
+    spdlog::warn("profile {} no longer fits here ({}: peak {}); probing again", path, t.reason,
+                 t.peak_bytes ? format_bytes(t.peak_bytes) : std::string("-"));
     return std::nullopt;
   }
   spdlog::info(
-      "reusing profile {}: {} (verified over 2 steps: peak {} of usable {}); 0 probe "
-      "trials",
+      "reusing profile {}: {} (verified over 2 steps in a fresh process: peak {} of usable {}); "
+      "0 probe trials",
       path, profile->plan.describe(), format_bytes(t.peak_bytes), format_bytes(probe.usable_bytes));
   return profile;
 }
@@ -189,38 +194,12 @@ TrialProgress console_progress(const RunContext& ctx) {
 struct Probed {
   Profile profile;
   nlohmann::json precision_speed = nlohmann::json::object();  // low precision: matmul x fp32
-  uint64_t verified_peak_bytes = 0;  // the chosen plan's peak over 2 steps after the probe
-  bool needs_fresh_process = false;  // the plan no longer fits this process (see below)
+  uint64_t chosen_peak_bytes = 0;                             // the chosen plan's peak in its trial
 };
-
-// Runs this command again in a fresh process, which finds the profile just saved, verifies its
-// plan over 2 steps and trains: the state the probe's trials left behind dies with this process.
-[[noreturn]] void train_in_a_fresh_process(const RunContext& ctx, const std::string& path) {
-  if (std::getenv("AUTOTUNE_FRESH_PROCESS"))
-    throw RuntimeError(
-        "the probed plan does not fit a fresh process either; give a larger "
-        "--budget or --precision fp32");
-  std::vector<std::string> args;
-  for (const auto& a : ctx.spec().argv)
-    if (a != "--reprobe") args.push_back(a);
-  if (ctx.spec().profile_file.empty()) args.insert(args.end(), {"--profile", path});
-  spdlog::warn(
-      "the chosen plan no longer fits this process after the probe; training in a fresh "
-      "process that reuses the profile {}",
-      path);
-  spdlog::default_logger()->flush();
-  std::vector<char*> c_args;
-  for (auto& a : args) c_args.push_back(a.data());
-  c_args.push_back(nullptr);
-  setenv("AUTOTUNE_FRESH_PROCESS", "1", 1);
-  execv("/proc/self/exe", c_args.data());
-  throw RuntimeError(std::string("cannot start a fresh process: ") + std::strerror(errno) +
-                     "; run the same command again (it reuses the profile " + path + ")");
-}
 
 // The search, its report, and the profile it makes (saved).
 Probed probe_and_choose(RunContext& ctx, const ProfileStore& store, const std::string& path,
-                        const Fingerprint& fp, const ProbeOptions& probe) {
+                        const Fingerprint& fp, const ProbeOptions& probe, TrialRunner& trials) {
   const RunSpec& spec = ctx.spec();
   TunerRequest req;
   req.global_batch = fp.global_batch / fp.world_size;  // one rank's share
@@ -241,12 +220,11 @@ Probed probe_and_choose(RunContext& ctx, const ProfileStore& store, const std::s
   req.allowed_precisions = spec.preset_precisions;
   req.eval_batch = spec.eval_batch.value_or(ctx.policy().eval_batch_cap);
   req.low_precision = ctx.low_precision();
-  req.precision_speed = ctx.measured_precision_speeds();
   req.probe = probe;
   spdlog::info("probing: budget {} (usable {} after the margin), global batch {}, search {}",
                format_bytes(req.budget_bytes), format_bytes(req.usable_bytes), fp.global_batch,
                spec.search);
-  const TunerResult r = tune(ctx.workload(), req, ctx.meter(), console_progress(ctx));
+  const TunerResult r = tune(ctx.workload(), req, trials, console_progress(ctx));
   Probed out;
   for (const auto& [prec, speed] : r.precision_speed) {
     out.precision_speed[to_string(prec)] = speed;
@@ -265,16 +243,10 @@ Probed probe_and_choose(RunContext& ctx, const ProfileStore& store, const std::s
   Profile& p = out.profile;
   p.fingerprint = fp;
   p.trials = r.trials;
-  // The chosen plan fits a fresh process when it no longer fits this one (its trial measured
-  // it): a restart costs seconds, a slower plan costs the whole run. Only a fresh process that
-  // had to probe again falls back to the next fastest plan.
-  // Ranks cannot restart one process alone: they fall back at once.
-  const bool fall_back = std::getenv("AUTOTUNE_FRESH_PROCESS") != nullptr || ctx.world_size() > 1;
-  const std::optional<Verified> verified = verify_after_search(
-      ctx.workload(), r, probe, ctx.meter(), [&] { ctx.enforce_budget(); }, &p.trials, fall_back);
-  p.plan = verified ? verified->plan : *r.plan;
-  out.verified_peak_bytes = verified ? verified->peak_bytes : 0;
-  out.needs_fresh_process = !verified;
+  // Its trial ran in a process that started as this one will train it: nothing to verify again.
+  p.plan = *r.plan;
+  for (const auto& t : r.trials)
+    if (t.plan == p.plan) out.chosen_peak_bytes = t.peak_bytes;
   print_trials(p.trials, p.plan);
   if (r.shrunk_task) spdlog::warn("THE TASK WAS CHANGED TO FIT: {}", r.shrink_note);
   p.search_lines = r.lines;
@@ -447,6 +419,20 @@ nlohmann::json rank_figures(RunContext& ctx, const RunSummary& s, uint64_t verif
   return all;
 }
 
+// Trials in fresh processes of this binary with this command's flags, on this rank's device,
+// each in a memory cgroup with the budget (the host's, on an accelerator) as its limit.
+IsolatedTrialsOptions isolated_trials_options(RunContext& ctx) {
+  IsolatedTrialsOptions o;
+  o.flags = ctx.spec().flags;
+  o.device = ctx.device();
+  o.budget_bytes =
+      ctx.device().is_cpu() ? *ctx.budget_bytes() : ctx.host_budget_bytes().value_or(0);
+  o.baseline_bytes = ctx.meter().baseline_bytes();
+  o.device_bytes_of_probe = ctx.meter().context_bytes();
+  o.stop_signal = &RunContext::stop_signal();
+  return o;
+}
+
 }  // namespace
 
 int tune_command(const RunSpec& spec_in) {
@@ -458,12 +444,13 @@ int tune_command(const RunSpec& spec_in) {
   const Fingerprint fp = make_fingerprint(ctx, global_batch);
   const std::string path = spec.profile_file.empty() ? store.path_for(fp) : spec.profile_file;
 
-  ctx.warm_up(ctx.precisions_in_play());  // one-time growth before the baseline
-  ctx.enforce_budget();
+  // Every measurement runs in a trial process; this one stays as a training run starts until it
+  // knows its plan (no warm-up, no speed test, no trial state).
   ProbeOptions probe;
   probe.usable_bytes = *ctx.usable_bytes();
   probe.seed = spec.seed;
   probe.device = ctx.device();
+  IsolatedTrials trial_runner(isolated_trials_options(ctx));
 
   // ---- a profile that still fits, or a probe (on one rank; the others verify its plan) ----
   const bool rank0 = ctx.rank() == 0;
@@ -471,18 +458,29 @@ int tune_command(const RunSpec& spec_in) {
   const bool probes = ctx.rank() == prober;
   uint64_t verified_peak = 0;
   std::optional<Profile> profile;
-  if (probes) profile = reusable_profile(ctx, store, path, fp, probe, &verified_peak);
-  // A fresh process started by train_in_a_fresh_process reuses the profile its parent has just
-  // probed: it reports that probe's trials.
-  bool reused = profile.has_value() && !std::getenv("AUTOTUNE_FRESH_PROCESS");
+  if (probes) {
+    spdlog::info("trials: {}", trial_runner.containment());
+    profile = reusable_profile(ctx, store, path, fp, probe, trial_runner, &verified_peak);
+  }
+  bool reused = profile.has_value();
   nlohmann::json precision_speed = nlohmann::json::object();
   if (probes && !profile) {
-    Probed probed = probe_and_choose(ctx, store, path, fp, probe);
+    Probed probed = probe_and_choose(ctx, store, path, fp, probe, trial_runner);
     profile = std::move(probed.profile);
     precision_speed = std::move(probed.precision_speed);
-    verified_peak = probed.verified_peak_bytes;
-    if (probed.needs_fresh_process && spec.command != "probe") train_in_a_fresh_process(ctx, path);
+    verified_peak = probed.chosen_peak_bytes;
   }
+  // This process now starts as a training run of the plan does: one warm-up step in the plan's
+  // precision, then the caps (ranks verify the plan together before they train).
+  if (ctx.comm()) {
+    const std::string precision = ctx.comm()->share_text(
+        "precision", probes ? to_string(profile->plan.precision) : std::string(), prober,
+        std::chrono::hours(24));
+    ctx.warm_up({parse_precision(precision)});
+  } else if (spec.command != "probe") {
+    ctx.warm_up({profile->plan.precision});
+  }
+  if (ctx.comm() || spec.command != "probe") ctx.enforce_budget();
   if (ctx.comm()) {
     profile = share_profile(ctx, std::move(profile), probe, &verified_peak, prober);
     reused = ctx.comm()->share_text("reused", reused ? "1" : "0", prober,
@@ -501,7 +499,8 @@ int tune_command(const RunSpec& spec_in) {
                       {"verified_peak_bytes", verified_peak},
                       {"mode", to_string(ctx.mode().mode)},
                       {"precision_speed", precision_speed},
-                      {"task_changed", profile->task_changed}};
+                      {"task_changed", profile->task_changed},
+                      {"trial_processes", trial_runner.processes()}};
   if (ctx.comm()) j["prober_rank"] = prober;
   if (spec.command == "probe") {
     if (rank0) print_what_next(ctx, *profile, profile_path, std::nullopt, reused);

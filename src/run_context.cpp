@@ -146,27 +146,6 @@ RunContext::~RunContext() {
   if (!device_.is_cpu() && budget_bytes_) enforce_device_budget(device_, 0, 0);
 }
 
-std::vector<Precision> RunContext::precisions_in_play() const {
-  if (spec_.precision) return {*spec_.precision};
-  std::vector<Precision> all = {Precision::fp32, low_precision_};
-  if (!spec_.preset_precisions.empty()) all = spec_.preset_precisions;
-  // A low precision the search will skip as slow (a CPU without bf16 matmul units) is not warmed
-  // up either: one such step of a large model takes minutes there. Same test as the search's.
-  std::vector<Precision> in_play;
-  for (Precision p : all)
-    if (p == Precision::fp32 || spec_.search != "model" ||
-        precision_speed(p) >= TunerRequest{}.min_precision_speed)
-      in_play.push_back(p);
-  return in_play;
-}
-
-double RunContext::precision_speed(Precision precision) const {
-  auto it = speeds_.find(precision);
-  if (it == speeds_.end())
-    it = speeds_.emplace(precision, matmul_speed_vs_fp32(device_, precision)).first;
-  return it->second;
-}
-
 void RunContext::warm_up(const std::vector<Precision>& precisions) {
   ProbeOptions warm;
   warm.usable_bytes = UINT64_MAX;
@@ -188,17 +167,17 @@ std::optional<uint64_t> RunContext::usable_bytes() const {
   return *budget_bytes_ - margin_bytes_;
 }
 
-void RunContext::enforce_budget() {
-  // The host: the CPU allocator's reserved bytes within usable - baseline, and the figure the
-  // budget names (RSS) checked whenever it maps more, so what the cap cannot see (heap slack,
-  // thread arenas) never carries the process past the budget.
+void RunContext::enforce_budget(bool for_trial) {
+  // The host: the CPU allocator's reserved bytes within budget - baseline (a trial: usable -
+  // baseline), and the figure the budget names (RSS) checked whenever it maps more, so what the
+  // cap cannot see (heap slack, thread arenas) never carries the process past the budget.
   auto cap_host = [&](uint64_t budget, uint64_t margin, const char* flag) {
     const uint64_t usable = budget - margin, base = meter_->baseline_bytes();
     if (usable <= base)
       throw RuntimeError(std::string(flag) + " " + format_bytes(budget) + " (minus margin " +
                          format_bytes(margin) + ") is below this process's baseline of " +
                          format_bytes(base) + " before any tensor; give a larger " + flag);
-    cpu_alloc::set_cap(static_cast<int64_t>(usable - base));
+    cpu_alloc::set_cap(static_cast<int64_t>((for_trial ? usable : budget) - base));
     cpu_alloc::set_rss_limit(static_cast<int64_t>(budget));
   };
   if (device_.is_cpu()) {
@@ -381,7 +360,8 @@ nlohmann::json RunContext::summary_json(const RunSummary& s) const {
       {"allreduce_calls", s.allreduce_calls},
       {"optimizer_shards", s.plan.optimizer_shards},
       {"optimizer_state_bytes", s.optimizer_state_bytes},
-      {"broadcast_s", s.broadcast_s}};
+      {"broadcast_s", s.broadcast_s},
+      {"process", {{"autocast_regions", autocast_regions_entered()}}}};
 }
 
 int RunContext::exit_code(const RunSummary& s) const {

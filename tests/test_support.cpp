@@ -130,6 +130,96 @@ std::string corpus_path() {
   return path;
 }
 
+namespace {
+// The process's own cgroup directory for the memory controller, v1 or v2, if one is mounted.
+struct CgroupRoot {
+  fs::path dir;
+  bool v2 = false;
+};
+
+std::optional<CgroupRoot> own_memory_cgroup() {
+  std::ifstream f("/proc/self/cgroup");
+  std::string line;
+  std::optional<CgroupRoot> v2;
+  while (std::getline(f, line)) {
+    const auto c1 = line.find(':'), c2 = line.find(':', c1 + 1);
+    if (c1 == std::string::npos || c2 == std::string::npos) continue;
+    const std::string controllers = line.substr(c1 + 1, c2 - c1 - 1);
+    std::string rel = line.substr(c2 + 1);
+    while (!rel.empty() && rel.front() == '/') rel.erase(0, 1);
+    if (("," + controllers + ",").find(",memory,") != std::string::npos &&
+        fs::exists("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+      return CgroupRoot{fs::path("/sys/fs/cgroup/memory") / rel, false};
+    if (line.rfind("0::", 0) == 0) {
+      for (const char* mount : {"/sys/fs/cgroup", "/sys/fs/cgroup/unified"})
+        if (fs::exists(fs::path(mount) / "cgroup.controllers"))
+          v2 = CgroupRoot{fs::path(mount) / rel, true};
+    }
+  }
+  return v2;
+}
+
+bool write_text(const fs::path& p, const std::string& text) {
+  std::ofstream f(p);
+  f << text;
+  f.flush();
+  return static_cast<bool>(f);
+}
+}  // namespace
+
+std::optional<MemoryCgroup> MemoryCgroup::make(uint64_t limit_bytes, std::string* why) {
+  const auto root = own_memory_cgroup();
+  if (!root) {
+    *why = "no memory cgroup controller is mounted (/proc/self/cgroup)";
+    return std::nullopt;
+  }
+  static std::atomic<int> made{0};
+  MemoryCgroup cg;
+  cg.v2_ = root->v2;
+  cg.dir_ =
+      root->dir / ("autotune-test-" + std::to_string(::getpid()) + "-" + std::to_string(made++));
+  std::error_code ec;
+  fs::create_directory(cg.dir_, ec);
+  if (ec) {
+    *why = "cannot create " + cg.dir_.string() + ": " + ec.message() +
+           " (needs root and a writable cgroup hierarchy)";
+    return std::nullopt;
+  }
+  const std::string limit = std::to_string(limit_bytes);
+  const bool ok = cg.v2_ ? write_text(cg.dir_ / "memory.max", limit) &&
+                               (!fs::exists(cg.dir_ / "memory.swap.max") ||
+                                write_text(cg.dir_ / "memory.swap.max", "0"))
+                         : write_text(cg.dir_ / "memory.limit_in_bytes", limit);
+  if (!ok) {
+    *why = "cannot set the memory limit of " + cg.dir_.string() +
+           (cg.v2_ ? " (is the memory controller enabled in cgroup.subtree_control?)" : "");
+    fs::remove(cg.dir_, ec);
+    return std::nullopt;
+  }
+  return cg;
+}
+
+MemoryCgroup::~MemoryCgroup() {
+  std::error_code ec;
+  if (!dir_.empty()) fs::remove(dir_, ec);
+}
+
+ProcessResult run_autotune_in(const MemoryCgroup& cg, const std::vector<std::string>& args) {
+  std::vector<std::string> sh = {"-c", "echo $$ > \"$0\" && exec \"$@\"", cg.procs().string(),
+                                 AUTOTUNE_BIN};
+  const std::vector<std::string> pinned = on_cpu(args);
+  sh.insert(sh.end(), pinned.begin(), pinned.end());
+  return run("/bin/sh", sh, {});
+}
+
+std::string last_line(const std::string& text) {
+  std::istringstream in(text);
+  std::string line, last;
+  while (std::getline(in, line))
+    if (!line.empty()) last = line;
+  return last;
+}
+
 std::vector<std::string> list_dir(const std::string& dir) {
   std::vector<std::string> names;
   for (const auto& e : std::filesystem::directory_iterator(dir))

@@ -5,6 +5,8 @@
 #include <sys/resource.h>
 #include <sys/types.h>
 
+#include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -51,6 +53,29 @@ std::string corpus_path();
 // Runs the project's venv Python (AUTOTUNE_PYTHON) with `args`, capturing its output; throws
 // std::runtime_error naming the fix when that Python is missing, so a test fails loudly.
 ProcessResult run_python(const std::vector<std::string>& args);
+
+// A memory cgroup (v1 or v2) under this process's own, with a limit; removed at the end (its
+// processes are gone by then). Needs root and a writable hierarchy: make() says why not.
+class MemoryCgroup {
+ public:
+  static std::optional<MemoryCgroup> make(uint64_t limit_bytes, std::string* why);
+  MemoryCgroup(MemoryCgroup&& o) noexcept : dir_(std::move(o.dir_)), v2_(o.v2_) { o.dir_.clear(); }
+  ~MemoryCgroup();
+  const std::filesystem::path& dir() const { return dir_; }
+  std::filesystem::path procs() const { return dir_ / "cgroup.procs"; }
+
+ private:
+  MemoryCgroup() = default;
+  std::filesystem::path dir_;
+  bool v2_ = false;
+};
+
+// Runs the real binary inside `cg` (a shell joins it, then execs autotune), pinned to the CPU as
+// run_autotune; killed by signal S: exit_code 128 + S.
+ProcessResult run_autotune_in(const MemoryCgroup& cg, const std::vector<std::string>& args);
+
+// The last non-empty line of a process's output (the one line an error gives).
+std::string last_line(const std::string& text);
 
 // Writes bytes to a file (for fixtures).
 void write_file(const std::string& path, const std::string& bytes);

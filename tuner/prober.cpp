@@ -19,10 +19,12 @@ void to_json(nlohmann::json& j, const Trial& t) {
   j = {{"plan", t.plan},
        {"fits", t.fits},
        {"oom", t.oom},
+       {"killed", t.killed},
        {"peak_bytes", t.peak_bytes},
        {"phase_peaks", t.phase_peaks},
        {"tokens_per_s", t.tokens_per_s},
        {"wall_s", t.wall_s},
+       {"process_s", t.process_s},
        {"steps_run", t.steps_run},
        {"too_slow", t.too_slow},
        {"error", t.error},
@@ -34,10 +36,12 @@ void from_json(const nlohmann::json& j, Trial& t) {
   t.plan = j.at("plan").get<Plan>();
   t.fits = j.at("fits").get<bool>();
   t.oom = j.value("oom", false);
+  t.killed = j.value("killed", false);
   t.peak_bytes = j.at("peak_bytes").get<uint64_t>();
   t.phase_peaks = j.value("phase_peaks", nlohmann::json::object());
   t.tokens_per_s = j.at("tokens_per_s").get<double>();
   t.wall_s = j.value("wall_s", 0.0);
+  t.process_s = j.value("process_s", 0.0);
   t.steps_run = j.value("steps_run", int64_t{0});
   t.too_slow = j.value("too_slow", false);
   t.error = j.value("error", false);
@@ -65,6 +69,22 @@ void from_json(const nlohmann::json& j, SearchLine& l) {
   l.b_bytes = j.at("b_bytes").get<double>();
   l.measured = j.value("measured", false);
   l.optimizer_shards = j.value("optimizer_shards", int64_t{1});
+}
+
+void to_json(nlohmann::json& j, const ProbeOptions& o) {
+  j = {{"usable_bytes", o.usable_bytes},
+       {"measured_steps", o.measured_steps},
+       {"min_measure_s", o.min_measure_s},
+       {"seed", o.seed},
+       {"stop_below_tokens_per_s", o.stop_below_tokens_per_s}};
+}
+
+void from_json(const nlohmann::json& j, ProbeOptions& o) {
+  o.usable_bytes = j.at("usable_bytes").get<uint64_t>();
+  o.measured_steps = j.at("measured_steps").get<int64_t>();
+  o.min_measure_s = j.at("min_measure_s").get<double>();
+  o.seed = j.at("seed").get<uint64_t>();
+  o.stop_below_tokens_per_s = j.at("stop_below_tokens_per_s").get<double>();
 }
 
 namespace {
@@ -253,54 +273,39 @@ Trial verify_plan(Workload& workload, const Plan& plan, const ProbeOptions& opt,
   return run_trial(workload, plan, verify, meter);
 }
 
-std::optional<Verified> verify_after_search(Workload& workload, const TunerResult& result,
-                                            const ProbeOptions& probe, MemoryMeter& meter,
-                                            const std::function<void()>& reapply_caps,
-                                            std::vector<Trial>* trials, bool fall_back) {
-  if (!result.plan) return std::nullopt;
-  Verified v;
-  meter.release_cache();
-  v.baseline_before_bytes = meter.baseline_bytes();
-  meter.remeasure_baseline();
-  v.baseline_after_bytes = meter.baseline_bytes();
-  reapply_caps();
-  const Plan& chosen = *result.plan;
-  std::vector<Trial> fitted;
-  for (const auto& t : result.trials)
-    if (t.fits && t.plan.seq_len == chosen.seq_len && t.plan.d_model == chosen.d_model &&
-        !(t.plan == chosen))
-      fitted.push_back(t);
-  std::stable_sort(fitted.begin(), fitted.end(),
-                   [](const Trial& a, const Trial& b) { return a.tokens_per_s > b.tokens_per_s; });
-  std::vector<Plan> order = {chosen};
-  if (fall_back)
-    for (const auto& t : fitted) order.push_back(t.plan);
-  for (const Plan& plan : order) {
-    const Trial t = verify_plan(workload, plan, probe, meter);
-    if (t.fits) {
-      for (auto& trial : *trials)
-        if (trial.plan == plan) trial.reason = "chosen";
-      spdlog::info("verified {} after the probe: peak {} of usable {} (baseline {} -> {})",
-                   plan.describe(), format_bytes(t.peak_bytes), format_bytes(probe.usable_bytes),
-                   format_bytes(v.baseline_before_bytes), format_bytes(v.baseline_after_bytes));
-      v.plan = plan;
-      v.peak_bytes = t.peak_bytes;
-      return v;
-    }
-    for (auto& trial : *trials)
-      if (trial.plan == plan) {
-        trial.fits = false;
-        trial.reason = "fitted in its trial, not after the probe (baseline grew)";
-      }
-    spdlog::warn(
-        "{} no longer fits after the probe ({}: peak {}; the process baseline grew from "
-        "{} to {}){}",
-        plan.describe(), t.reason, format_bytes(t.peak_bytes),
-        format_bytes(v.baseline_before_bytes), format_bytes(v.baseline_after_bytes),
-        fall_back ? "; trying the next fastest plan that fitted" : "");
-  }
-  *trials = result.trials;
-  return std::nullopt;
+Trial InProcessTrials::run(const Plan& plan, const ProbeOptions& probe) {
+  return run_trial(w_, plan, probe, m_);
+}
+
+std::vector<std::vector<double>> InProcessTrials::retime(const std::vector<Trial>& finalists,
+                                                         int rounds, const ProbeOptions& probe) {
+  std::vector<std::vector<double>> timings(finalists.size());
+  for (int round = 0; round < rounds; ++round)
+    for (size_t i = 0; i < finalists.size(); ++i)
+      timings[i].push_back(time_plan(w_, finalists[i].plan, probe, m_, finalists[i].tokens_per_s));
+  return timings;
+}
+
+double InProcessTrials::precision_speed(Precision precision) {
+  auto it = speeds_.find(precision);
+  if (it == speeds_.end())
+    it = speeds_.emplace(precision, matmul_speed_vs_fp32(m_.device(), precision)).first;
+  return it->second;
+}
+
+std::optional<uint64_t> InProcessTrials::need_bytes(const Plan& plan, const ProbeOptions& probe) {
+  const std::optional<int64_t> cap = cpu_alloc::cap(), rss_limit = cpu_alloc::rss_limit();
+  cpu_alloc::set_cap(std::nullopt);
+  cpu_alloc::set_rss_limit(std::nullopt);
+  ProbeOptions free = probe;
+  free.usable_bytes = UINT64_MAX;
+  free.min_measure_s = 0;
+  free.stop_below_tokens_per_s = 0;
+  const Trial t = run_trial(w_, plan, free, m_);
+  cpu_alloc::set_cap(cap);
+  cpu_alloc::set_rss_limit(rss_limit);
+  if (!t.fits) return std::nullopt;
+  return t.peak_bytes;
 }
 
 }  // namespace autotune

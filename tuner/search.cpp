@@ -1,6 +1,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <map>
 
 #include <spdlog/spdlog.h>
@@ -32,8 +33,10 @@ std::vector<int64_t> candidate_micro_batches(const TunerRequest& r) {
 
 // Throughputs within this fraction count as a tie; ties go to the plan closest to the request.
 constexpr double kTieFraction = 0.03;
-// Finalists whose single timings are within this fraction of the fastest are timed again.
-constexpr double kNoiseFraction = 0.15;
+// Finalists whose single timings are within this fraction of the fastest are timed again: on a
+// shared machine a single 1-s timing now and then falls far below its plan's median
+// (docs/BENCHMARKS.md, "Trial timing").
+constexpr double kNoiseFraction = 0.35;
 
 struct Pair {
   Precision precision;
@@ -50,12 +53,11 @@ constexpr double kShardedSpeedMargin = 0.10;
 // Runs trials, keeps them, and remembers each measured micro-batch per pair.
 class Session {
  public:
-  Session(Workload& w, const TunerRequest& r, MemoryMeter& m, const TrialProgress& progress,
-          int at_most)
-      : w_(w), r_(r), m_(m), progress_(progress), at_most_(at_most) {}
+  Session(TrialRunner& trials, const TunerRequest& r, const TrialProgress& progress, int at_most)
+      : trials_runner_(trials), r_(r), progress_(progress), at_most_(at_most) {}
 
-  const Trial& run(const Plan& plan) {
-    for (const auto& t : trials_)
+  Trial& run(const Plan& plan) {
+    for (auto& t : trials_)
       if (t.plan == plan) return t;  // never measure the same plan twice
     // A plan below half the best fitting throughput so far cannot win: stop it early.
     ProbeOptions probe = r_.probe;
@@ -65,7 +67,7 @@ class Session {
             std::max(probe.stop_below_tokens_per_s, 0.5 * t.tokens_per_s);
     const int index = static_cast<int>(trials_.size()) + 1;
     if (progress_.started) progress_.started(plan, index, at_most_);
-    trials_.push_back(run_trial(w_, plan, probe, m_));
+    trials_.push_back(trials_runner_.run(plan, probe));
     if (progress_.finished) progress_.finished(trials_.back(), index, at_most_);
     return trials_.back();
   }
@@ -76,11 +78,19 @@ class Session {
   }
   std::vector<Trial>& trials() { return trials_; }
   const std::vector<Trial>& trials() const { return trials_; }
+  // The smallest peak at which the kernel killed a trial (infinity: none was killed).
+  double killed_below() const {
+    double lowest = std::numeric_limits<double>::infinity();
+    for (const auto& t : trials_)
+      if (t.killed && t.peak_bytes > 0)
+        lowest = std::min(lowest, static_cast<double>(t.peak_bytes));
+    return lowest;
+  }
+  TrialRunner& runner() { return trials_runner_; }
 
  private:
-  Workload& w_;
+  TrialRunner& trials_runner_;
   const TunerRequest& r_;
-  MemoryMeter& m_;
   const TrialProgress& progress_;
   int at_most_;
   std::vector<Trial> trials_;
@@ -113,25 +123,37 @@ int64_t largest_fitting(const std::vector<int64_t>& mbs, const Line& line, doubl
   return best;
 }
 
-// Where the first trial of a pair aims when its line comes from the estimator alone: below the
-// usable bytes, because the estimator predicts tensor bytes (within 4%) but not the RSS that
-// training adds around them (oneDNN scratch, heap): measured +45-70 MiB on gpt-10m. A first
-// trial that fits is a finalist and gives a full peak; one that runs out of memory gives only a
-// lower bound and leaves heap behind for the trials after it.
-constexpr double kFirstGuessFraction = 0.85;
+// Where the first trial of a pair aims when its line comes from the estimator alone: just below
+// the usable bytes, by the estimator's miss on the budget figure (within 5% over the presets,
+// docs/ESTIMATOR.md). A first trial that fits is a finalist and gives a full peak; one that runs
+// out of memory gives only a lower bound (in its own process, it leaves nothing behind).
+constexpr double kFirstGuessFraction = 0.95;
 
-// How far above the usable bytes the predicted peak of the next micro-batch up still gets it
-// measured: the estimator's largest miss on the budget figure over the presets (13%,
-// docs/BENCHMARKS.md) plus the curvature a two-point line shows when it extrapolates to twice the
-// micro-batch (4% on gpt-mini), rounded up. A refused trial costs a fraction of a second.
+// How far above the usable bytes the predicted peak of a micro-batch still gets it measured (the
+// next one up above a fit, or the smallest when none fits yet). With the estimator's slope: its
+// miss on the budget figure plus the curvature a line shows when it extrapolates to twice the
+// micro-batch, rounded up. With a slope through measured peaks (two of this pair's, or another
+// pair's moved by the estimator's difference): the curvature alone, which a two-point line showed
+// at a few percent (docs/BENCHMARKS.md, "Oracle").
 constexpr double kBoundaryBand = 0.20;
+constexpr double kMeasuredBand = 0.05;
+
+// The walk down for speed starts at this micro-batch: below it the per-micro-batch overhead
+// dominates, and in every oracle grid a micro-batch of 1 or 2 ran slower than the next one up.
+constexpr int64_t kWalkDownFrom = 4;
 
 // Search state for one (precision, checkpointing) pair: finds the largest micro-batch that fits.
 struct PairResult {
   Pair pair;
   std::optional<Trial> best;  // the fitting trial with the largest micro-batch
-  Line line;                  // corrected by this pair's measured peaks
+  Line line;                  // corrected by this pair's measured peaks and lower bounds
   bool measured = false;      // the line went through at least one measured peak
+  // The line rests on measurement: this pair's peaks or lower bounds (out of memory, killed), or
+  // another pair's measured line moved here. Such a line predicts other pairs.
+  bool informed = false;
+  // The next smaller micro-batch below `best`, to be timed beside the finalists (tokens/s is not
+  // monotonic in the micro-batch); its memory is below best's measured peak.
+  std::optional<Plan> smaller;
 };
 
 class ModelSearch {
@@ -156,21 +178,32 @@ class ModelSearch {
 
   // Finds the largest micro-batch of `pair` above `above` that fits: predict it from the line,
   // measure it, correct the line with the measured peak (two measured peaks give the slope, one
-  // moves the intercept), predict again among the micro-batches still open, until none is left
-  // or the line says nothing larger fits. `measured_line`: another pair's measured line moved to
-  // this one (transfer), trusted up to the usable bytes; otherwise the estimator's line.
-  PairResult search(Pair pair, std::optional<Line> measured_line, int64_t above) {
-    PairResult res{pair, std::nullopt, measured_line.value_or(estimator_line(pair)), false};
+  // moves the intercept; out of memory gives a lower bound), predict again among the
+  // micro-batches still open, until none is left or the line says nothing larger fits.
+  // `transferred`: another pair's informed line moved to this one, trusted up to the usable bytes
+  // with the measured band; otherwise the estimator's line. `best_elsewhere`: the fastest fitting
+  // trial of the other pairs so far (tokens/s; 0: none), which a walk down must be able to beat.
+  PairResult search(Pair pair, std::optional<Line> transferred, int64_t above,
+                    double best_elsewhere) {
+    PairResult res{pair,
+                   std::nullopt,
+                   transferred.value_or(estimator_line(pair)),
+                   false,
+                   transferred.has_value(),
+                   std::nullopt};
     std::vector<int64_t> mbs;
     for (int64_t mb : mbs_)
       if (mb > above) mbs.push_back(mb);
     if (mbs.empty()) return res;
     const double usable = static_cast<double>(r_.usable_bytes);
+    // What a plan may reach: the usable bytes, or less where the kernel killed a trial below
+    // them (the machine or its container holds less than the budget).
+    auto room = [&] { return std::min(usable, s_.killed_below()); };
     auto plan_of = [&](int64_t mb) { return make_plan(r_, mb, pair, seq_len_, d_model_); };
 
     int64_t next =
-        largest_fitting(mbs, res.line, measured_line ? usable : kFirstGuessFraction * usable);
-    if (r_.start_small || next == 0 || (!activations_known_ && !measured_line)) next = mbs.front();
+        largest_fitting(mbs, res.line, transferred ? room() : kFirstGuessFraction * room());
+    if (r_.start_small || next == 0 || (!activations_known_ && !transferred)) next = mbs.front();
     int64_t measured_points = 0;
     int64_t lo_fit = 0, hi_fail = 0;  // largest known to fit, smallest known not to (0: none)
     std::optional<std::pair<int64_t, double>> last;  // the last measured (micro-batch, peak)
@@ -185,46 +218,54 @@ class ModelSearch {
       } else {
         hi_fail = next;
       }
-      const double peak = static_cast<double>(t.peak_bytes);
-      if (!t.oom && t.peak_bytes > 0) {
+      // A trial stopped early gives a lower bound, not the plan's peak: the peak it reached when
+      // killed, or (out of memory under the cap at the usable bytes) the usable bytes.
+      const bool stopped = t.oom || t.killed;
+      const double peak = t.oom ? std::max(static_cast<double>(t.peak_bytes), usable)
+                                : static_cast<double>(t.peak_bytes);
+      if (!stopped && t.peak_bytes > 0) {
         if (last && last->first != next && peak > last->second)
           res.line.b = (peak - last->second) / static_cast<double>(next - last->first);
         res.line.a = peak - res.line.b * static_cast<double>(next);
-        res.measured = true;
+        res.measured = res.informed = true;
         last = {next, peak};
         ++measured_points;
-      } else if (t.oom && peak > res.line.at(next)) {
+      } else if (stopped && peak >= res.line.at(next)) {
         res.line.a = peak - res.line.b * static_cast<double>(next);  // a lower bound, at least
+        res.informed = true;
       }
       std::vector<int64_t> open;
       for (int64_t mb : mbs)
         if (mb > lo_fit && (hi_fail == 0 || mb < hi_fail)) open.push_back(mb);
       if (open.empty()) break;
-      next = largest_fitting(open, res.line, usable);
-      // Nothing open is predicted to fit: believe the line above a fitting micro-batch; with
-      // none fitting yet, measure the smallest open one, so "infeasible" is measured, not guessed.
-      if (next == 0 && lo_fit == 0) next = open.front();
+      next = largest_fitting(open, res.line, room());
+      // How far the line may miss: little with a slope through this pair's measured peaks, or
+      // another pair's moved by the estimator's ratio; more with the estimator's own slope, or
+      // with an opaque model's measured slope carried to another pair unchanged (its
+      // activations may be half as large in a low precision).
+      const bool slope_measured = measured_points >= 2 || (transferred && activations_known_);
+      const double band = slope_measured ? kMeasuredBand : kBoundaryBand;
+      const bool within_band = res.line.at(open.front()) <= (1.0 + band) * room();
+      // Nothing open is predicted to fit and nothing fits yet: the first pair's "infeasible" is
+      // measured, not guessed (the smallest open micro-batch); a pair whose line rests on
+      // measurement believes it unless the miss is within the band.
+      if (next == 0 && lo_fit == 0 && (!transferred || within_band)) next = open.front();
       // The line says the next micro-batch up does not fit, but its prediction is within the
-      // line's error of the usable bytes (peaks are not exactly linear in the micro-batch; the
-      // slope may be the estimator's): measure it, so the boundary is measured, not guessed.
-      if (next == 0 && hi_fail == 0 && activations_known_ &&
-          res.line.at(open.front()) <= (1.0 + kBoundaryBand) * usable)
+      // line's error of the usable bytes: measure it, so the boundary is measured, not guessed.
+      if (next == 0 && hi_fail == 0 && (activations_known_ || measured_points >= 1) && within_band)
         next = open.front();
       // No slope from the estimator: the second point comes from the next micro-batch up.
-      if (!activations_known_ && measured_points < 2 && lo_fit > 0 && !measured_line)
+      if (!activations_known_ && measured_points < 2 && lo_fit > 0 && !transferred)
         next = open.front();
     }
-    // Tokens/s is not monotonic in the micro-batch (caches: gpt-mini at 8 ran 1.8x faster than
-    // at 16 on this CPU), so walk down from the largest that fits while the next smaller one is
-    // faster by more than the tie band.
-    if (res.best) {
-      double fastest = res.best->tokens_per_s;
-      for (auto it = std::find(mbs.begin(), mbs.end(), res.best->plan.micro_batch);
-           it != mbs.begin();) {
-        const Trial t = s_.run(plan_of(*--it));
-        if (!t.fits || t.tokens_per_s <= (1.0 + kTieFraction) * fastest) break;
-        fastest = t.tokens_per_s;
-      }
+    // Tokens/s is not monotonic in the micro-batch (caches: a smaller one can run faster), so
+    // the next smaller micro-batch of a pair that can win (within the noise of the fastest
+    // fitting plan elsewhere) is timed beside the finalists. It needs no memory trial: its peak
+    // is below the one measured above it. Only from kWalkDownFrom up.
+    if (res.best && res.best->tokens_per_s >= (1.0 - kNoiseFraction) * best_elsewhere) {
+      const auto it = std::find(mbs.begin(), mbs.end(), res.best->plan.micro_batch);
+      if (it != mbs.begin() && *std::prev(it) >= kWalkDownFrom)
+        res.smaller = plan_of(*std::prev(it));
     }
     return res;
   }
@@ -319,17 +360,16 @@ double ranking_speed(const Trial& t) {
 // One search, in the steps tune() reads top to bottom.
 class Tuner {
  public:
-  Tuner(Workload& w, const TunerRequest& r, MemoryMeter& m, const TrialProgress& progress)
+  Tuner(Workload& w, const TunerRequest& r, TrialRunner& trials, const TrialProgress& progress)
       : w_(w),
         r_(r),
-        m_(m),
         knobs_(w.knobs()),
         // Every candidate plan of the task as asked, once: the most trials it can need.
-        session_(w, r, m, progress,
+        session_(trials, r, progress,
                  static_cast<int>(candidate_micro_batches(r).size()) * 2 *
                      (knobs_.checkpointing && !r.checkpointing ? 2 : 1) *
                      (r.world_size > 1 && !r.shard_optimizer ? 2 : 1)),
-        baseline_(m.baseline_bytes()) {}
+        baseline_(trials.baseline_bytes()) {}
 
   // Candidate pairs in order of cost to the user: fp32, then the device's low precision (bf16 on
   // CPUs and GPUs from compute capability 8.0, fp16 with loss scaling before). A low precision
@@ -355,10 +395,7 @@ class Tuner {
     fast_.clear();
     for (Precision p : precisions_) {
       if (p != Precision::fp32) {
-        const auto known = r_.precision_speed.find(p);
-        result_.precision_speed[p] = known != r_.precision_speed.end()
-                                         ? known->second
-                                         : matmul_speed_vs_fp32(r_.probe.device, p);
+        result_.precision_speed[p] = session_.runner().precision_speed(p);
         if (result_.precision_speed[p] < r_.min_precision_speed) {
           slow_.push_back(p);
           continue;
@@ -442,10 +479,12 @@ class Tuner {
     return {};
   }
 
-  // Finalists within kNoiseFraction of the fastest are timed twice more, in turns, and ranked by
-  // the median of their three timings: one 1-s timing moves by +-15% between runs on a shared
-  // 2-core VM (docs/BENCHMARKS.md), enough to rank micro-batch 16 over 8 in one run and 8 over 16
-  // in the next. Memory is not measured again.
+  // Finalists within kNoiseFraction of the fastest are timed twice more, in turns, in one
+  // process, and ranked by the median of their three timings: single 1-s timings move enough
+  // between runs on a shared machine to rank micro-batch 16 over 8 in one run and 8 over 16 in
+  // the next (docs/BENCHMARKS.md, "Trial timing"). The next smaller
+  // micro-batch of each close finalist's pair is timed with them; one that is faster than every
+  // finalist gets its memory trial and joins them.
   void retime_close_finalists(std::vector<Trial>& finalists) {
     std::sort(finalists.begin(), finalists.end(),
               [](const Trial& x, const Trial& y) { return x.tokens_per_s > y.tokens_per_s; });
@@ -453,29 +492,57 @@ class Tuner {
     for (auto& f : finalists)
       if (close.size() < 3 && f.tokens_per_s >= (1.0 - kNoiseFraction) * finalists[0].tokens_per_s)
         close.push_back(&f);
-    if (close.size() < 2) return;
-    std::vector<std::vector<double>> timings;
-    for (Trial* f : close) timings.push_back({f->tokens_per_s});
-    for (int round = 0; round < 2; ++round)
-      for (size_t i = 0; i < close.size(); ++i) {
-        const double t = time_plan(w_, close[i]->plan, r_.probe, m_, close[i]->tokens_per_s);
-        if (t > 0) timings[i].push_back(t);
-      }
+    std::vector<Trial> plans;
+    for (Trial* f : close) plans.push_back(*f);
+    std::vector<Plan> smaller;
+    for (const auto& [plan, above] : smaller_)
+      for (Trial* f : close)
+        if (f->plan == above.plan && !session_.find(plan)) {
+          Trial hint = above;  // its tokens/s sets how many steps make a 1-s timing
+          hint.plan = plan;
+          plans.push_back(hint);
+          smaller.push_back(plan);
+        }
+    if (plans.size() < 2) return;
+    const std::vector<std::vector<double>> more = session_.runner().retime(plans, 2, r_.probe);
+    // The lower median: of two timings the slower, so a plan timed twice does not displace one
+    // timed three times by its luckier timing.
+    auto median = [](std::vector<double> v) {
+      std::sort(v.begin(), v.end());
+      return v.empty() ? 0.0 : v[(v.size() - 1) / 2];
+    };
+    double fastest = 0;
     for (size_t i = 0; i < close.size(); ++i) {
-      std::sort(timings[i].begin(), timings[i].end());
-      close[i]->tokens_per_s = timings[i][timings[i].size() / 2];
-      close[i]->timings = static_cast<int>(timings[i].size());
+      std::vector<double> timings = {close[i]->tokens_per_s};
+      for (double t : more.at(i))
+        if (t > 0) timings.push_back(t);
+      close[i]->tokens_per_s = median(timings);
+      close[i]->timings = static_cast<int>(timings.size());
+      fastest = std::max(fastest, close[i]->tokens_per_s);
       for (auto& t : session_.trials())
         if (t.plan == close[i]->plan) {
           t.tokens_per_s = close[i]->tokens_per_s;
           t.timings = close[i]->timings;
         }
     }
+    for (size_t j = 0; j < smaller.size(); ++j) {
+      std::vector<double> timings;
+      for (double t : more.at(close.size() + j))
+        if (t > 0) timings.push_back(t);
+      const double tps = median(timings);
+      if (tps <= (1.0 + kTieFraction) * fastest) continue;
+      Trial& t = session_.run(smaller[j]);  // its memory, measured as every chosen plan's is
+      if (!t.fits) continue;
+      t.tokens_per_s = tps;
+      t.timings = static_cast<int>(timings.size());
+      finalists.push_back(t);
+    }
   }
 
   // The fastest finalist (within kTieFraction the one closest to the request), or the one line
   // that says what would fit.
   TunerResult finish(std::vector<Trial> finalists, double seconds) {
+    if (finalists.empty()) result_.infeasible_message = infeasible_message();
     TunerResult& result = result_;
     say_what_changed();
     for (Precision p : slow_) {
@@ -485,10 +552,7 @@ class Tuner {
     }
     result.trials = session_.trials();
     result.probe_seconds = seconds;
-    if (finalists.empty()) {
-      result.infeasible_message = infeasible_message();
-      return result;
-    }
+    if (finalists.empty()) return result;
     std::sort(finalists.begin(), finalists.end(),
               [](const Trial& x, const Trial& y) { return ranking_speed(x) > ranking_speed(y); });
     const Trial* chosen = &finalists.front();
@@ -513,7 +577,8 @@ class Tuner {
   std::vector<Trial> search_pairs(const std::vector<Precision>& precs, int64_t shards,
                                   std::optional<PairResult>* anchor_io) {
     ModelSearch ms(w_, r_, session_, baseline_, seq_len_, d_model_);
-    std::optional<PairResult>& anchor = *anchor_io;  // the first pair with a measured line
+    std::optional<PairResult>& anchor = *anchor_io;  // the line other pairs are predicted from
+    std::map<std::pair<Precision, bool>, PairResult> searched;  // this call's pairs
     std::map<Precision, int64_t> best_mb;  // the largest fitting micro-batch without checkpointing
     for (bool ckpt : ckpts_) {
       for (Precision prec : precs) {
@@ -524,14 +589,27 @@ class Tuner {
         if (ckpt && best_mb.count(prec)) {
           if (best_mb[prec] >= std::min<int64_t>(4, r_.global_batch)) continue;
           above = best_mb[prec];
+          // Nor for a precision that another one outran at a micro-batch no larger: checkpointing
+          // costs both the same recomputation, so the other one's checkpointed plans win too.
+          if (outrun(prec, best_mb[prec])) continue;
         }
+        // The line to start from: the same precision's other pair (its precision-specific
+        // memory, such as a low precision's kernel state, is measured there), else the first
+        // measured line, moved here by the estimator's difference.
+        const PairResult* source = anchor ? &*anchor : nullptr;
+        const auto same = searched.find({prec, !ckpt});
+        if (same != searched.end() && same->second.informed) source = &same->second;
         std::optional<Line> predicted;
-        if (anchor) predicted = ms.transfer(*anchor, pair);
-        PairResult pr = ms.search(pair, predicted, above);
+        if (source) predicted = ms.transfer(*source, pair);
+        PairResult pr = ms.search(pair, predicted, above, fastest_fit());
         result_.lines.push_back(
             {prec, ckpt, shards, seq_len_, d_model_, pr.line.a, pr.line.b, pr.measured});
-        if (pr.measured && !anchor) anchor = pr;
+        // The anchor: the first measured line, or until one is, the first informed one (lower
+        // bounds of a pair that fitted nowhere).
+        if (pr.informed && (!anchor || (pr.measured && !anchor->measured))) anchor = pr;
         if (pr.best && !ckpt) best_mb[prec] = pr.best->plan.micro_batch;
+        if (pr.smaller && pr.best) smaller_.push_back({*pr.smaller, *pr.best});
+        searched.emplace(std::make_pair(prec, ckpt), pr);
       }
     }
     std::vector<Trial> finalists;
@@ -541,6 +619,31 @@ class Tuner {
           std::find(precs.begin(), precs.end(), t.plan.precision) != precs.end())
         finalists.push_back(t);
     return finalists;
+  }
+
+  // Whether a fitting trial of another precision without checkpointing, at a micro-batch of at
+  // most `mb`, ran faster (beyond the tie band) than every fitting trial of `prec` without it.
+  bool outrun(Precision prec, int64_t mb) const {
+    double mine = 0, other = 0;
+    for (const auto& t : session_.trials()) {
+      if (!t.fits || t.plan.checkpointing || t.plan.seq_len != seq_len_ ||
+          t.plan.d_model != d_model_)
+        continue;
+      if (t.plan.precision == prec)
+        mine = std::max(mine, t.tokens_per_s);
+      else if (t.plan.micro_batch <= mb)
+        other = std::max(other, t.tokens_per_s);
+    }
+    return other > (1.0 + kTieFraction) * mine;
+  }
+
+  // Tokens/s of the fastest fitting trial of the current shape so far (0: none).
+  double fastest_fit() const {
+    double best = 0;
+    for (const auto& t : session_.trials())
+      if (t.fits && t.plan.seq_len == seq_len_ && t.plan.d_model == d_model_)
+        best = std::max(best, ranking_speed(t));
+    return best;
   }
 
   void say_what_changed() {
@@ -557,44 +660,72 @@ class Tuner {
     }
   }
 
-  std::string infeasible_message() const {
-    uint64_t smallest = 0;
-    for (const auto& t : session_.trials())
-      if (t.peak_bytes && (!smallest || t.peak_bytes < smallest)) smallest = t.peak_bytes;
-    std::string hint = "a larger --budget";
-    if (!r_.precision || *r_.precision != r_.low_precision)
-      hint += ", --precision " + to_string(r_.low_precision);
-    if (knobs_.checkpointing && !(r_.checkpointing && !*r_.checkpointing))
-      hint += ", --checkpointing on";
-    if (!r_.allow_shrink_seq && knobs_.seq_len) hint += ", --allow-shrink seq";
-    if (!r_.allow_shrink_width && knobs_.width) hint += ", --allow-shrink width";
-    return "no plan fits the budget " + format_bytes(r_.budget_bytes) + " (usable " +
-           format_bytes(r_.usable_bytes) +
-           " after the margin): " + std::to_string(session_.trials().size()) +
-           " trials, smallest measured peak " +
-           (smallest ? format_bytes(smallest) : std::string("none (all out of memory)")) +
-           "; try " + hint;
+  // Nothing fits: the smallest plan of the shape searched last (the task as asked, or as far as
+  // --allow-shrink took it) by the estimator's ranking, its need measured with no cap in one
+  // trial, and the budget that would hold it. The figure is what a fresh training process of
+  // that plan needs, not the peak some trial reached when it ran out of memory.
+  std::string infeasible_message() {
+    const std::vector<Precision>& precs = fast_.empty() ? precisions_ : fast_;
+    const int64_t mb = candidate_micro_batches(r_).front();
+    std::optional<Plan> smallest;
+    double smallest_bytes = 0;
+    for (Precision p : precs)
+      for (bool ckpt : ckpts_) {
+        const Plan plan = make_plan(r_, mb, {p, ckpt, shards_.back()}, seq_len_, d_model_);
+        const double bytes = static_cast<double>(estimate_memory(w_, plan, baseline_).peak_bytes);
+        if (!smallest || bytes < smallest_bytes) {
+          smallest = plan;
+          smallest_bytes = bytes;
+        }
+      }
+    ProbeOptions once = r_.probe;
+    once.measured_steps = 1;  // step 2 holds the AdamW states: the run's peak
+    const std::optional<uint64_t> need = session_.runner().need_bytes(*smallest, once);
+    std::string hint;
+    if (!r_.allow_shrink_seq && knobs_.seq_len && !r_.seq_len) hint += ", or --allow-shrink seq";
+    if (!r_.allow_shrink_width && knobs_.width && !r_.d_model) hint += ", or --allow-shrink width";
+    const std::string head = "no plan fits the budget " + format_bytes(r_.budget_bytes) +
+                             " (usable " + format_bytes(r_.usable_bytes) + " after the margin)";
+    if (!need) {
+      std::string pins;
+      if (r_.precision && *r_.precision != r_.low_precision)
+        pins += ", or drop --precision " + to_string(*r_.precision);
+      if (r_.checkpointing && !*r_.checkpointing) pins += ", or drop --checkpointing off";
+      return head + ": " + std::to_string(session_.trials().size()) +
+             " trials, and the smallest plan, " + smallest->describe() +
+             ", could not be measured without a cap either; give a larger --budget" + pins + hint;
+    }
+    result_.smallest_plan = smallest;
+    result_.smallest_need_bytes = *need;
+    // A need within the usable bytes: the capped trials ran out where the uncapped one did not
+    // (the allocator's cache, heap); ask for the need plus what the cap had to spare.
+    const uint64_t hold = *need > r_.usable_bytes ? *need : r_.usable_bytes + (*need / 20);
+    result_.budget_needed_bytes = budget_to_hold(hold, r_.budget_bytes, r_.usable_bytes);
+    return head + ": the smallest plan, " + smallest->describe() + ", needs " +
+           format_bytes(*need) + "; give --budget " +
+           std::to_string(result_.budget_needed_bytes >> 20) + "M or more" + hint;
   }
 
   Workload& w_;
   const TunerRequest& r_;
-  MemoryMeter& m_;
   const WorkloadKnobs knobs_;
   Session session_;
   const uint64_t baseline_;
   std::vector<Precision> precisions_, fast_, slow_;
   std::vector<bool> ckpts_;
-  std::vector<int64_t> shards_;        // Plan::optimizer_shards candidates, 1 first
+  std::vector<int64_t> shards_;  // Plan::optimizer_shards candidates, 1 first
+  // Each pair's next smaller micro-batch below its largest fitting trial, with that trial.
+  std::vector<std::pair<Plan, Trial>> smaller_;
   int64_t seq_len_ = 0, d_model_ = 0;  // the shape searched last
   TunerResult result_;
 };
 
 }  // namespace
 
-TunerResult tune(Workload& workload, const TunerRequest& request, MemoryMeter& meter,
+TunerResult tune(Workload& workload, const TunerRequest& request, TrialRunner& trials,
                  const TrialProgress& progress) {
   const auto t0 = std::chrono::steady_clock::now();
-  Tuner tuner(workload, request, meter, progress);
+  Tuner tuner(workload, request, trials, progress);
   tuner.choose_candidates();
   std::vector<Trial> finalists =
       tuner.search_shape(request.seq_len.value_or(0), request.d_model.value_or(0));
@@ -602,6 +733,25 @@ TunerResult tune(Workload& workload, const TunerRequest& request, MemoryMeter& m
   if (!finalists.empty()) tuner.retime_close_finalists(finalists);
   return tuner.finish(std::move(finalists),
                       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+}
+
+TunerResult tune(Workload& workload, const TunerRequest& request, MemoryMeter& meter,
+                 const TrialProgress& progress) {
+  InProcessTrials trials(workload, meter);
+  return tune(workload, request, trials, progress);
+}
+
+uint64_t budget_to_hold(uint64_t need_bytes, uint64_t budget_bytes, uint64_t usable_bytes) {
+  // A margin given as a share scales with the budget; one given in bytes does not, and needs
+  // less: the share is the larger answer whenever the need is above the usable bytes.
+  const double kept = budget_bytes > 0 && usable_bytes > 0
+                          ? static_cast<double>(usable_bytes) / static_cast<double>(budget_bytes)
+                          : 1.0;
+  const uint64_t by_share =
+      static_cast<uint64_t>(std::ceil(static_cast<double>(need_bytes) / kept));
+  const uint64_t by_bytes = need_bytes + (budget_bytes - std::min(budget_bytes, usable_bytes));
+  constexpr uint64_t kMiB = uint64_t{1} << 20;
+  return (std::max(by_share, by_bytes) / kMiB + 1) * kMiB;
 }
 
 }  // namespace autotune

@@ -15,6 +15,12 @@ struct RuntimeError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// The user stopped the command (SIGINT, SIGTERM) where nothing was left to save: exit 128 + signal.
+struct StoppedBySignal : RuntimeError {
+  StoppedBySignal(int sig, const std::string& what) : RuntimeError(what), signal(sig) {}
+  int signal;
+};
+
 constexpr int kExitOk = 0;
 constexpr int kExitRuntime = 1;
 constexpr int kExitUsage = 2;

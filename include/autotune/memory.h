@@ -85,6 +85,14 @@ class MemoryMeter {
   // kernels, cuBLAS/cuDNN handles), measured with the baseline; 0 on CPU. The budget figure and
   // the memory fraction use this one number.
   uint64_t context_bytes() const { return context_bytes_; }
+  // Accelerator: device bytes held by other processes that this one must not count as its
+  // context, subtracted from every later measurement. A trial process is told its probe's own
+  // (the probe holds a context while its trials run; the run that trains after it does not see
+  // the trials'). 0 on CPU.
+  void exclude_device_bytes(uint64_t bytes) {
+    excluded_device_bytes_ = bytes;
+    remeasure_baseline();
+  }
   // Re-measure the baseline (and an accelerator's context) now: call after a warm-up step, when
   // no training tensors are alive, so libraries' one-time growth is in them.
   void remeasure_baseline();
@@ -118,6 +126,7 @@ class MemoryMeter {
   bool peak_rss_resettable_ = false;
   uint64_t baseline_bytes_ = 0;
   uint64_t context_bytes_ = 0;  // accelerator: memory held outside the caching allocator
+  uint64_t excluded_device_bytes_ = 0;
 };
 
 // Total and free memory of the device: accelerator via at::accelerator::getMemoryInfo, CPU via

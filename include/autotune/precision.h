@@ -16,6 +16,11 @@ namespace autotune {
 // AUTOTUNE_FAKE_MEM_TOTAL).
 Precision low_precision_for(torch::Device device);
 
+// Low-precision regions (enabled AutocastScopes) this process has entered: every forward of a
+// bf16/fp16 plan, its evaluation and its recomputation. A run of an fp32 plan enters none, nor
+// should anything before it (reported in --json as process.autocast_regions).
+int64_t autocast_regions_entered();
+
 // Enables autocast for `device`'s type with the plan's dtype for the life of the scope
 // (fp32: does nothing). Restores the previous state and clears the cast cache on exit.
 class AutocastScope {

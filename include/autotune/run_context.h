@@ -43,23 +43,20 @@ class RunContext {
   // Bytes a plan may use by the budget figure: budget - margin.
   std::optional<uint64_t> usable_bytes() const;
 
-  // One uncapped micro-batch-1 step in each precision the run may use, then the baseline (and an
-  // accelerator's context) measured again: LibTorch's one-time growth (kernel registries, thread
-  // pools, the oneDNN primitives and scratch that low-precision matmuls keep for the life of the
-  // process, the CUDA context's lazily loaded kernels, cuBLAS handles) is paid here, outside every
-  // figure, so every trial and the run after it stand on the same baseline and the caps derived
-  // from it are exact.
+  // One uncapped micro-batch-1 step in each of `precisions` (a run: its plan's one), then the
+  // baseline (and an accelerator's context) measured again: LibTorch's one-time growth (kernel
+  // registries, thread pools, the oneDNN primitives and scratch that low-precision matmuls keep
+  // for the life of the process, the CUDA context's lazily loaded kernels, cuBLAS handles) is
+  // paid here, outside every figure, so the caps derived from the baseline are exact. A trial
+  // process does the same for its plan, so its figures are the run's.
   void warm_up(const std::vector<Precision>& precisions);
-  // The precisions a probe or run may visit: the pinned one, or fp32 and the fast low one.
-  std::vector<Precision> precisions_in_play() const;
-  // matmul_speed_vs_fp32 on this run's device, measured once per precision and kept: the search
-  // is handed these (TunerRequest::precision_speed) instead of timing the matmuls again.
-  double precision_speed(Precision precision) const;
-  const std::map<Precision, double>& measured_precision_speeds() const { return speeds_; }
-  // Applies the budgets as hard limits: on CPU the counting allocator's cap (budget - margin -
-  // baseline) and RSS limit; on an accelerator the caching allocator's memory fraction (budget -
-  // context) and the host budget through the CPU allocator. No budget: no cap.
-  void enforce_budget();
+  // Applies the budgets as hard limits: on CPU the counting allocator's cap and the RSS limit
+  // (the budget); on an accelerator the caching allocator's memory fraction (budget - context) and
+  // the host budget through the CPU allocator. No budget: no cap. The host cap is budget -
+  // baseline for a run, whose plan fits budget - margin in its trial: the margin is the run's
+  // room for fragmentation and the longest batch (DESIGN.md). A trial (`for_trial`) is capped at
+  // budget - margin - baseline, so a plan above the usable bytes fails fast.
+  void enforce_budget(bool for_trial = false);
 
   TrainOptions train_options() const;
   void print_settings(const Plan& plan, const std::string& plan_source) const;
@@ -84,7 +81,6 @@ class RunContext {
   uint64_t margin_bytes_ = 0;
   std::optional<uint64_t> host_budget_bytes_;
   Precision low_precision_ = Precision::bf16;
-  mutable std::map<Precision, double> speeds_;  // precision_speed's measurements
   ModeChoice mode_, host_mode_;
   ModePolicy policy_;
   std::unique_ptr<MemoryMonitor> monitor_;

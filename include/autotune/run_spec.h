@@ -18,9 +18,9 @@ std::string to_string(Mode m);
 std::optional<Mode> parse_mode(const std::string& s);
 
 struct RunSpec {
-  std::string command = "run";     // run | probe | train | estimate
+  std::string command = "run";     // run | probe | train | estimate | trial
   std::string command_line;        // as typed, for "run it again" hints
-  std::vector<std::string> argv;   // as typed, argv[0] first: to train in a fresh process
+  std::vector<std::string> flags;  // as typed after the command: a trial process gets the same
   std::string model = "gpt-mini";  // preset name or JSON file
   std::string data;                // token or safetensors file (default: data/corpus.tok)
   bool model_given = false, data_given = false;  // on the command line (train --profile fills them)

@@ -1,9 +1,11 @@
 // The tuner: finds the fastest plan whose measured peak fits the budget. It talks to a Workload
-// (never a concrete model) and measures real training steps through the trainer.
+// (never a concrete model) for the estimator's terms, and to a TrialRunner for every measurement.
 //
-//   Prober  : one trial = a fresh model, 1 warm-up step + N measured steps (the first optimizer
-//             step, with its AdamW states, included) + one evaluation forward, under the budget's
-//             hard cap; OOM is caught by type and everything is released before the next trial.
+//   Trial   : a fresh model, 1 warm-up step + N measured steps (the first optimizer step, with its
+//             AdamW states, included) + one evaluation forward, under the budget's hard cap; OOM
+//             is caught by type. Where it runs is the TrialRunner's business: in a fresh process
+//             started as a training run of its plan starts (IsolatedTrials, the product's way), or
+//             in the caller's process (InProcessTrials, for tests of the search).
 //   Search  : model (estimator ranks, predict the largest fitting micro-batch from the line
 //             peak = a + b*micro_batch, measure, correct the line with each measured peak, repeat),
 //             power (Lightning's BatchSizeFinder), halve (Accelerate's find_executable_batch_size).
@@ -32,10 +34,13 @@ struct Trial {
   Plan plan;
   bool fits = false;
   bool oom = false;            // c10::OutOfMemoryError during the trial
-  uint64_t peak_bytes = 0;     // the budget figure's peak (0 when it OOMed before measuring)
+  bool killed = false;         // killed by the kernel (its memory cgroup's limit, or the machine's)
+  uint64_t peak_bytes = 0;     // the budget figure's peak (0 when it OOMed before measuring;
+                               // killed: the memory it held when the kernel killed it)
   nlohmann::json phase_peaks;  // {forward: bytes, backward: ..., optimizer: ..., eval: ...}
   double tokens_per_s = 0;     // measured steps only (warm-up excluded)
-  double wall_s = 0;
+  double wall_s = 0;           // the trial's steps, from its first to its last
+  double process_s = 0;        // isolated: its process's whole life (start, warm-up, trial, exit)
   int64_t steps_run = 0;
   bool too_slow = false;  // stopped early: proven below ProbeOptions::stop_below_tokens_per_s
   bool error = false;     // failed for a reason other than memory (unsupported op, bad data)
@@ -76,10 +81,13 @@ struct ProbeOptions {
   // verified peak holds the all-reduce's buffers too (null: this process alone).
   Communicator* comm = nullptr;
 };
+// A trial process's request carries these (device and comm stay with the process).
+void to_json(nlohmann::json& j, const ProbeOptions& o);
+void from_json(const nlohmann::json& j, ProbeOptions& o);
 
 // Speed of a matmul in `precision` relative to fp32 on `device` (> 1: faster), the smallest time
-// of a few runs of [256, 256] @ [256, 256] each. A device-wide fact, not a trial: bf16 runs at
-// ~0.014x fp32 on an AVX2-only CPU and at 2-16x on AMX CPUs and tensor-core GPUs.
+// of a few runs of [256, 256] @ [256, 256] each. A device-wide fact, not a trial: far below 1 on a
+// CPU without bf16 matmul units (AVX2 only), above 1 with AVX512-BF16/AMX (docs/BENCHMARKS.md).
 double matmul_speed_vs_fp32(torch::Device device, Precision precision);
 
 // Times `plan` alone, without the memory monitor: one warm-up step, then enough steps for
@@ -120,12 +128,9 @@ struct TunerRequest {
   Precision low_precision = Precision::bf16;
   int64_t eval_batch = 0;
   // A low precision is probed only where it can be faster: its matmul runs at least this
-  // fraction of fp32's speed on the device (matmul_speed_vs_fp32), or no fp32 plan fits (slow
-  // beats nothing), or fp32 is not a candidate (pinned or a preset). 0: always probe.
+  // fraction of fp32's speed on the device (TrialRunner::precision_speed), or no fp32 plan fits
+  // (slow beats nothing), or fp32 is not a candidate (pinned or a preset). 0: always probe.
   double min_precision_speed = 0.8;
-  // matmul_speed_vs_fp32 values the caller has already measured on this device (RunContext);
-  // the search times only the precisions missing here.
-  std::map<Precision, double> precision_speed;
   ProbeOptions probe;
 };
 
@@ -136,6 +141,10 @@ struct TunerResult {
   bool shrunk_task = false;        // seq_len or width changed (allowed by --allow-shrink)
   std::string shrink_note;         // what changed, said loudly
   std::string infeasible_message;  // the one line for an infeasible budget
+  // Infeasible: the smallest plan of the task, its need measured with no cap in a trial (the
+  // budget figure's peak), and the budget that would hold it after the margin (0: unmeasured).
+  std::optional<Plan> smallest_plan;
+  uint64_t smallest_need_bytes = 0, budget_needed_bytes = 0;
   // matmul_speed_vs_fp32 of each low precision the search considered, and which it skipped.
   std::map<Precision, double> precision_speed;
   std::vector<Precision> skipped_precisions;
@@ -149,25 +158,58 @@ struct TrialProgress {
   std::function<void(const Trial& trial, int index, int at_most)> finished;
 };
 
+// Where trials run. The search asks for every measurement through this interface, so the same
+// search drives trials in fresh processes (IsolatedTrials, include/autotune/isolated_trials.h),
+// in this process (InProcessTrials), or (next) the user's own script.
+class TrialRunner {
+ public:
+  virtual ~TrialRunner() = default;
+  // One trial of `plan`. Never throws for memory: out of memory, a kernel kill and a budget below
+  // the process's baseline are refused trials with their reason.
+  virtual Trial run(const Plan& plan, const ProbeOptions& probe) = 0;
+  // Each finalist timed `rounds` more times, in turns (A B C A B C: a slow spell of the machine
+  // hits all of them); tokens/s per finalist per round, 0 where a timing failed. Memory is not
+  // measured.
+  virtual std::vector<std::vector<double>> retime(const std::vector<Trial>& finalists, int rounds,
+                                                  const ProbeOptions& probe) = 0;
+  // matmul_speed_vs_fp32 on the trials' device, measured once per precision.
+  virtual double precision_speed(Precision precision) = 0;
+  // The budget figure's peak of `plan` with no cap (one trial): what a budget must hold for it.
+  // nullopt where it could not be measured (killed, an error).
+  virtual std::optional<uint64_t> need_bytes(const Plan& plan, const ProbeOptions& probe) = 0;
+  // The process baseline trials stand on (before the first one: the best guess), for the
+  // estimator's first predictions.
+  virtual uint64_t baseline_bytes() const = 0;
+};
+
+// Trials in the caller's process, on its workload and meter, under the cap the caller set. Every
+// trial stands on what the ones before it left (oneDNN primitives, heap): right for tests of the
+// search logic and for benchmarks of strategies on one process, not for the product's figures.
+class InProcessTrials : public TrialRunner {
+ public:
+  InProcessTrials(Workload& workload, MemoryMeter& meter) : w_(workload), m_(meter) {}
+  Trial run(const Plan& plan, const ProbeOptions& probe) override;
+  std::vector<std::vector<double>> retime(const std::vector<Trial>& finalists, int rounds,
+                                          const ProbeOptions& probe) override;
+  double precision_speed(Precision precision) override;
+  std::optional<uint64_t> need_bytes(const Plan& plan, const ProbeOptions& probe) override;
+  uint64_t baseline_bytes() const override { return m_.baseline_bytes(); }
+
+ private:
+  Workload& w_;
+  MemoryMeter& m_;
+  std::map<Precision, double> speeds_;
+};
+
+TunerResult tune(Workload& workload, const TunerRequest& request, TrialRunner& trials,
+                 const TrialProgress& progress = {});
+// In this process (InProcessTrials).
 TunerResult tune(Workload& workload, const TunerRequest& request, MemoryMeter& meter,
                  const TrialProgress& progress = {});
 
-// The chosen plan run again over 2 steps in the state the training starts from. Low-precision
-// kernels keep state that is not tensors (oneDNN primitives, JIT kernels and their scratch, per
-// matmul shape) for the life of the process, so a plan probed before the bf16 trials stood on
-// less memory than the run will. The caller measures the baseline again and applies the caps it
-// gives (reapply_caps), then this verifies the chosen plan, else (with `fall_back`) the next
-// fastest trial that fitted; trial reasons are updated. nullopt when none fits this process any
-// more (the trials are then left as they were: a fresh process is the remedy).
-struct Verified {
-  Plan plan;
-  uint64_t peak_bytes = 0;
-  uint64_t baseline_before_bytes = 0, baseline_after_bytes = 0;
-};
-std::optional<Verified> verify_after_search(Workload& workload, const TunerResult& result,
-                                            const ProbeOptions& probe, MemoryMeter& meter,
-                                            const std::function<void()>& reapply_caps,
-                                            std::vector<Trial>* trials, bool fall_back = true);
+// The budget whose usable bytes (after the margin `usable_bytes` / `budget_bytes` keeps of the
+// request's budget) hold `need_bytes`, rounded up to the next MiB.
+uint64_t budget_to_hold(uint64_t need_bytes, uint64_t budget_bytes, uint64_t usable_bytes);
 
 // Divisors of n in increasing order (micro-batches that keep the effective batch exact).
 std::vector<int64_t> divisors(int64_t n);

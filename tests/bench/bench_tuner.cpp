@@ -10,9 +10,11 @@
 //
 // The budget is enforced as `autotune --budget` enforces it (RunContext::enforce_budget): the
 // allocator's reserved bytes capped at usable - baseline, the RSS checked against the budget at
-// every new mapping. Each row also records the drift the margin must cover (the chosen plan's
-// trial peak against its full run's peak) and the speed the search ranked it by (its trial's
-// tokens/s against the full run's).
+// every new mapping. Trials run in this process (InProcessTrials), one strategy after another on
+// one process state; scripts/bench-oracle holds the product's isolated trials against fresh runs.
+// Each row also records the drift the margin must cover (the chosen plan's trial peak against its
+// full run's peak) and the speed the search ranked it by (its trial's tokens/s against the full
+// run's).
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
@@ -192,19 +194,6 @@ int main(int argc, char** argv) {
             0, static_cast<int64_t>(usable_now) - static_cast<int64_t>(meter.baseline_bytes())));
         cpu_alloc::set_rss_limit(static_cast<int64_t>(budget_now));
         TunerResult res = tune(*w, r, meter);
-        // As `autotune --budget` does before it trains: the baseline measured again, the chosen
-        // plan verified in the state the run starts from (else the next fastest that fitted).
-        std::vector<Trial> verified_trials = res.trials;
-        const std::optional<Verified> verified = verify_after_search(
-            *w, res, r.probe, meter,
-            [&] {
-              cpu_alloc::set_cap(std::max<int64_t>(
-                  0,
-                  static_cast<int64_t>(usable_now) - static_cast<int64_t>(meter.baseline_bytes())));
-            },
-            &verified_trials);
-        const bool fresh_process = res.plan && !verified;
-        if (verified) res.plan = verified->plan;
         nlohmann::json row = {{"workload", name},
                               {"budget", label},
                               {"budget_bytes", budget_now},
@@ -214,13 +203,9 @@ int main(int argc, char** argv) {
                               {"trials", res.trials.size()},
                               {"baseline_bytes", meter.baseline_bytes()},
                               {"trial_log", res.trials},
-                              {"seconds", res.probe_seconds},
-                              {"fresh_process_needed", fresh_process}};
-        if (verified)
-          row["baseline_growth_bytes"] = static_cast<int64_t>(verified->baseline_after_bytes) -
-                                         static_cast<int64_t>(verified->baseline_before_bytes);
+                              {"seconds", res.probe_seconds}};
         double use = 0;
-        if (res.plan && !fresh_process) {
+        if (res.plan) {
           // The full run under the same cap: its measured peak against the budget.
           TrainOptions opt;
           opt.steps = full_steps;
