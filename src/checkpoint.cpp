@@ -175,12 +175,17 @@ CheckpointMeta parse_meta(torch::serialize::InputArchive& archive) {
 }
 }  // namespace
 
-std::optional<CheckpointMeta> read_checkpoint_meta(const std::string& path) {
+std::optional<CheckpointMeta> read_checkpoint_meta(const std::string& path, std::string* why) {
   try {
     torch::serialize::InputArchive archive;
     archive.load_from(path);
     return parse_meta(archive);
-  } catch (const std::exception&) {
+  } catch (const std::exception& e) {
+    if (why) {
+      // LibTorch's messages carry a backtrace after the first line.
+      const std::string what = e.what();
+      *why = what.substr(0, what.find('\n'));
+    }
     return std::nullopt;
   }
 }

@@ -118,8 +118,21 @@ RunContext::RunContext(const RunSpec& spec) : spec_(spec), device_(resolve_devic
   workload_ = make_workload(spec_, policy_);
   if (spec_.resume) {
     bool complete = false;
-    for (const auto& file : list_checkpoints(spec_.run_dir))
-      complete = complete || read_checkpoint_meta(file).has_value();
+    const std::vector<std::string> files = list_checkpoints(spec_.run_dir);
+    std::string unreadable;  // the newest unreadable one and why
+    for (const auto& file : files) {
+      std::string why;
+      if (read_checkpoint_meta(file, &why))
+        complete = true;
+      else
+        unreadable = file + " (" + why + ")";
+    }
+    // Checkpoints that exist but cannot be read are a damaged run, not a first launch: starting
+    // fresh would silently lose its progress.
+    if (!complete && !files.empty())
+      throw UsageError("--resume: no checkpoint in " + checkpoint_dir(spec_.run_dir) +
+                       " is readable, the newest: " + unreadable +
+                       "; restore them, or move them away to start fresh");
     if (!complete && spec_.resume_auto) {
       // A scheduler relaunching the same command after a preemption: the first launch starts.
       spdlog::info("--resume auto: no complete checkpoint in {} yet; starting fresh",
@@ -184,7 +197,17 @@ void RunContext::enforce_budget(bool for_trial) {
     if (budget_bytes_) cap_host(*budget_bytes_, margin_bytes_, "--budget");
     return;
   }
-  if (budget_bytes_) enforce_device_budget(device_, *budget_bytes_, meter_->context_bytes());
+  // Only CUDA's caching allocator takes a per-process limit here; elsewhere the budget is
+  // measured (trials are refused by their figure) but nothing stops an allocation at it.
+  if (budget_bytes_ && !enforce_device_budget(device_, *budget_bytes_, meter_->context_bytes()) &&
+      device_budget_enforced_) {
+    device_budget_enforced_ = false;
+    spdlog::warn(
+        "--budget on {}: measured, not enforced (this LibTorch has no per-process memory limit "
+        "for the device); a plan over it is refused by its trial's figure, but a run that grows "
+        "past it is not stopped",
+        device_.str());
+  }
   if (host_budget_bytes_) {
     // The device budget's margin, as a share, on the host budget too.
     const double share =
@@ -262,9 +285,10 @@ void RunContext::print_settings(const Plan& plan, const std::string& plan_source
       {"lr", fmt::format("{:.1e} (warmup, cosine to {:.1e})", spec_.lr, spec_.lr / 10)},
       {"seed", std::to_string(spec_.seed)},
       {"mode", mode_.reason},
-      {"budget", budget_bytes_ ? format_bytes(*budget_bytes_) + " (margin " +
-                                     format_bytes(margin_bytes_) + ")"
-                               : "none"},
+      {"budget", budget_bytes_
+                     ? format_bytes(*budget_bytes_) + " (margin " + format_bytes(margin_bytes_) +
+                           ")" + (device_budget_enforced_ ? "" : ", measured, not enforced")
+                     : "none"},
       {"host budget", host_budget_bytes_
                           ? format_bytes(*host_budget_bytes_) + " (" + host_mode_.reason + ")"
                           : "the budget (CPU)"},

@@ -122,9 +122,15 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
   if (opt.resume) {
     if (opt.run_dir.empty()) throw UsageError("--resume needs --run-dir DIR of an earlier run");
     auto files = list_checkpoints(opt.run_dir);
-    // The newest readable one; a damaged newest file falls back to the one before.
-    for (auto it = files.rbegin(); it != files.rend() && resume_from.empty(); ++it)
-      if (auto meta = read_checkpoint_meta(*it)) {
+    // The newest readable one; a damaged newest file falls back to the one before, saying so.
+    for (auto it = files.rbegin(); it != files.rend() && resume_from.empty(); ++it) {
+      std::string why;
+      const auto meta = read_checkpoint_meta(*it, &why);
+      if (!meta) {
+        spdlog::warn("checkpoint {} is unreadable ({}); trying the one before", *it, why);
+        continue;
+      }
+      {
         if (meta->workload != workload.config())
           throw UsageError("checkpoint " + *it + " belongs to a different model or data; " +
                            "use the same --model and --data, or a new --run-dir");
@@ -145,6 +151,7 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
         resume_from = *it;
         resume_step = meta->step;
       }
+    }
     if (resume_from.empty())
       throw UsageError("--resume: no complete checkpoint in " + checkpoint_dir(opt.run_dir) +
                        "; start without --resume");

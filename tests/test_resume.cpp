@@ -3,6 +3,8 @@
 
 #include <filesystem>
 
+#include <nlohmann/json.hpp>
+
 #include "autotune/checkpoint.h"
 #include "autotune/errors.h"
 #include "autotune/gpt_workload.h"
@@ -78,4 +80,60 @@ TEST(Resume, NoCheckpointIsAUsageError) {
   opt.resume = true;
   opt.run_dir = tu::temp_dir("empty-run");
   EXPECT_THROW(train(w, Plan{}, opt), UsageError);
+}
+
+namespace {
+// A checkpoint file overwritten with garbage (a torn copy, a disk error).
+void damage(const std::string& path) {
+  tu::write_file(path, "not a checkpoint");
+}
+std::vector<std::string> tiny_run(const std::string& dir, int steps) {
+  return {"train",
+          "--model",
+          "gpt-tiny",
+          "--data",
+          tu::corpus_path(),
+          "--steps",
+          std::to_string(steps),
+          "--checkpoint-every",
+          "2",
+          "--run-dir",
+          dir,
+          "--global-batch",
+          "4",
+          "--micro-batch",
+          "2",
+          "--eval-sequences",
+          "0",
+          "--json"};
+}
+}  // namespace
+
+// An unreadable newest checkpoint is named with its reason, and the run resumes from the one
+// before it.
+TEST(Resume, AnUnreadableCheckpointIsNamedAndTheOneBeforeIsUsed) {
+  const std::string dir = tu::temp_dir("resume-damaged");
+  ASSERT_EQ(tu::run_autotune(tiny_run(dir, 4)).exit_code, 0);
+  damage(dir + "/checkpoints/step_00000004.pt");
+  std::vector<std::string> again = tiny_run(dir, 6);
+  again.push_back("--resume");
+  const tu::ProcessResult r = tu::run_autotune(again);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("step_00000004.pt is unreadable"), std::string::npos) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(r.out).at("first_step").get<int64_t>(), 2);
+}
+
+// Checkpoints that exist but none of which can be read: --resume auto refuses with one line
+// (starting fresh would silently lose the run).
+TEST(Resume, ResumeAutoRefusesWhenNoCheckpointIsReadable) {
+  const std::string dir = tu::temp_dir("resume-all-damaged");
+  ASSERT_EQ(tu::run_autotune(tiny_run(dir, 4)).exit_code, 0);
+  for (const auto& f : list_checkpoints(dir)) damage(f);
+  std::vector<std::string> again = tiny_run(dir, 6);
+  again.insert(again.end(), {"--resume", "auto"});
+  const tu::ProcessResult r = tu::run_autotune(again);
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(tu::last_line(r.err).find("is readable"), std::string::npos) << r.err;
+  EXPECT_NE(tu::last_line(r.err).find("move them away to start fresh"), std::string::npos);
+  EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << "one line: " << r.err;
 }

@@ -302,6 +302,20 @@ TEST(Tuner, TrialThatRanNoStepIsAnError) {
   EXPECT_NE(t.reason.find("error"), std::string::npos) << t.reason;
 }
 
+TEST(Tuner, ALogicErrorInATrialStopsTheProbeWithItsMessage) {
+  // A bug of ours is no property of the plan: it is not recorded as a refused trial.
+  struct Buggy : GptWorkload {
+    using GptWorkload::GptWorkload;
+    std::shared_ptr<TrainableModel> build(const Plan&, torch::Device, uint64_t) override {
+      throw std::out_of_range("index 3 of 2");
+    }
+  };
+  Fixture f;
+  Buggy buggy(load_gpt_config("gpt-tiny"), TokenFile::open(tu::corpus_path()), 1);
+  auto req = f.request(100 * kMiB);
+  EXPECT_THROW(run_trial(buggy, Plan{}, req.probe, f.meter), std::out_of_range);
+}
+
 TEST(Tuner, TrialBelowTheStopRateIsStoppedEarlyAndNeverFits) {
   AUTOTUNE_SKIP_UNDER_ASAN();
   Fixture f;

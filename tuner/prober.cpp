@@ -149,8 +149,11 @@ double matmul_speed_vs_fp32(torch::Device device, Precision precision) {
     return fastest_s(c10::ScalarType::Float) / fastest_s(low);
   } catch (const c10::OutOfMemoryError&) {
     return 1.0;  // a budget too small for 1 MiB of matrices: unknown, so the precision is probed
-  } catch (const std::exception&) {
-    return 0.0;  // no matmul kernel for this dtype on this device
+  } catch (const c10::Error& e) {
+    // No matmul kernel for this dtype on this device: said, and its plans are not probed.
+    spdlog::warn("a {} matmul fails on {} ({}); its plans are probed only if nothing else fits",
+                 to_string(precision), device.str(), e.what_without_backtrace());
+    return 0.0;
   }
 }
 
@@ -225,6 +228,8 @@ Trial run_trial(Workload& workload, const Plan& plan, const ProbeOptions& opt, M
   } catch (const c10::OutOfMemoryError&) {
     // Recognised by type only. Unwinding has freed the trial's model, optimizer and tensors.
     t.oom = true;
+  } catch (const std::logic_error&) {
+    throw;  // a bug of ours, not a property of the plan: the probe stops with its message
   } catch (const std::exception& e) {
     // The tuner survives any trial; a failure other than OOM is recorded, never taken as a fit.
     error = e.what();

@@ -211,6 +211,9 @@ class ModelSearch {
       const Trial t = s_.run(plan_of(next));  // a copy: later trials grow the session's vector
       // Too slow here: smaller micro-batches are slower still, so the pair cannot win. An error
       // other than memory (no kernel for this precision) fails at any micro-batch.
+      if (t.error)
+        spdlog::warn("{}{}: {}; no more plans of this pair are probed", to_string(pair.precision),
+                     pair.checkpointing ? " with checkpointing" : "", t.reason);
       if (t.too_slow || t.error) break;
       if (t.fits) {
         lo_fit = next;

@@ -42,8 +42,10 @@ void save_optimizer_shard(const std::string& run_dir, int64_t step, int rank,
 // Checkpoint files of run_dir, oldest first.
 std::vector<std::string> list_checkpoints(const std::string& run_dir);
 
-// Reads only the metadata (for --resume planning); nullopt if the file is unreadable.
-std::optional<CheckpointMeta> read_checkpoint_meta(const std::string& path);
+// Reads only the metadata (for --resume planning); nullopt if the file is unreadable, with the
+// reason in *why when given.
+std::optional<CheckpointMeta> read_checkpoint_meta(const std::string& path,
+                                                   std::string* why = nullptr);
 
 // Loads state into `model`/`optimizer` and returns the metadata plus the loss scaler state; the
 // RNG of the CPU and, when it is an accelerator, of `device` are restored. `optimizer_path`: the

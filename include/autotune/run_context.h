@@ -80,6 +80,7 @@ class RunContext {
   std::optional<uint64_t> budget_bytes_;
   uint64_t margin_bytes_ = 0;
   std::optional<uint64_t> host_budget_bytes_;
+  bool device_budget_enforced_ = true;  // false: an accelerator without a per-process limit
   Precision low_precision_ = Precision::bf16;
   ModeChoice mode_, host_mode_;
   ModePolicy policy_;
