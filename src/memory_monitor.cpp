@@ -12,11 +12,11 @@ MemoryMonitor::MemoryMonitor(MemoryMeter& meter, MemoryMonitorOptions options)
   const MemorySample s = meter_.sample();
   start_ = {static_cast<uint64_t>(cpu_alloc::num_ooms()), s.device_num_ooms,
             s.device_num_alloc_retries};
-  if (!opt_.timeline_path.empty()) {
-    timeline_.open(opt_.timeline_path, std::ios::app);
-    if (!timeline_)
-      spdlog::warn("cannot write the memory timeline {}; going on without it", opt_.timeline_path);
-  }
+  if (!opt_.timeline_path.empty()) timeline_ = JsonlLog(opt_.timeline_path);
+}
+
+void MemoryMonitor::on_start(const Plan&, const TrainOptions&, int64_t first_step) {
+  if (first_step > 0) timeline_.drop_after_step(first_step);
 }
 
 void MemoryMonitor::on_phase_begin(Phase) {
@@ -44,15 +44,12 @@ void MemoryMonitor::on_phase_end(Phase phase, int64_t step) {
   agg.reserved_bytes = std::max(agg.reserved_bytes, p.reserved_bytes);
   if (p.budget_bytes > peak_.budget_bytes) peak_ = p;
   if (opt_.keep_history) history_.push_back(p);
-  if (timeline_.is_open())
-    timeline_ << nlohmann::json{{"step", step + 1},
-                                {"phase", to_string(phase)},
-                                {"budget_bytes", p.budget_bytes},
-                                {"tensor_bytes", p.tensor_bytes},
-                                {"device_bytes", p.device_bytes},
-                                {"rss_bytes", p.rss_bytes}}
-                     .dump()
-              << '\n';
+  timeline_.append({{"step", step + 1},
+                    {"phase", to_string(phase)},
+                    {"budget_bytes", p.budget_bytes},
+                    {"tensor_bytes", p.tensor_bytes},
+                    {"device_bytes", p.device_bytes},
+                    {"rss_bytes", p.rss_bytes}});
   check_thresholds(s, p.budget_bytes);
 }
 
@@ -82,12 +79,12 @@ void MemoryMonitor::check_thresholds(const MemorySample& s, uint64_t budget_figu
 }
 
 void MemoryMonitor::on_recovery(const Recovery& r) {
-  if (timeline_.is_open())
-    timeline_ << nlohmann::json{{"event", "oom_recovery"},     {"step", r.step + 1},
-                                {"phase", to_string(r.phase)}, {"before", r.before.describe()},
-                                {"after", r.after.describe()}, {"eval_only", r.eval_only}}
-                     .dump()
-              << '\n';
+  timeline_.append({{"event", "oom_recovery"},
+                    {"step", r.step + 1},
+                    {"phase", to_string(r.phase)},
+                    {"before", r.before.describe()},
+                    {"after", r.after.describe()},
+                    {"eval_only", r.eval_only}});
 }
 
 MemoryMonitor::AllocatorEvents MemoryMonitor::allocator_events() const {

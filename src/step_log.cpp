@@ -10,9 +10,7 @@
 namespace autotune {
 
 StepLog::StepLog(const std::string& path, int64_t every_steps)
-    : out_(path, std::ios::app), every_steps_(every_steps) {
-  if (!out_) spdlog::warn("cannot write the step log {}; going on without it", path);
-}
+    : out_(path), every_steps_(every_steps) {}
 
 StepLog::Counters StepLog::now() {
   struct rusage ru {};
@@ -21,7 +19,8 @@ StepLog::Counters StepLog::now() {
   return {static_cast<int64_t>(ru.ru_minflt + ru.ru_majflt), a.num_allocations, a.num_segment_maps};
 }
 
-void StepLog::on_start(const Plan&, const TrainOptions&, int64_t) {
+void StepLog::on_start(const Plan&, const TrainOptions&, int64_t first_step) {
+  if (first_step > 0) out_.drop_after_step(first_step);
   last_ = now();
 }
 
@@ -32,23 +31,20 @@ void StepLog::on_step(const StepStats& s) {
   const Counters d{c.page_faults - last_.page_faults, c.allocations - last_.allocations,
                    c.segment_maps - last_.segment_maps};
   last_ = c;
-  if (!out_ || every_steps_ <= 0) return;
+  if (!out_.is_open() || every_steps_ <= 0) return;
   if (s.step % every_steps_ != 0 && s.step != 1 && s.step != s.steps) return;
-  out_ << nlohmann::json{{"step", s.step},
-                         {"loss", s.loss_value()},
-                         {"lr", s.lr},
-                         {"grad_norm", s.grad_norm_value()},
-                         {"step_ms", s.step_ms},
-                         {"tokens_per_s", s.tokens_per_s},
-                         {"skipped", s.skipped},
-                         {"micro_batch", s.plan.micro_batch},
-                         {"grad_accum", s.plan.grad_accum},
-                         {"page_faults", d.page_faults},
-                         {"cpu_allocations", d.allocations},
-                         {"cpu_segment_maps", d.segment_maps}}
-              .dump()
-       << '\n';
-  out_.flush();
+  out_.append({{"step", s.step},
+               {"loss", s.loss_value()},
+               {"lr", s.lr},
+               {"grad_norm", s.grad_norm_value()},
+               {"step_ms", s.step_ms},
+               {"tokens_per_s", s.tokens_per_s},
+               {"skipped", s.skipped},
+               {"micro_batch", s.plan.micro_batch},
+               {"grad_accum", s.plan.grad_accum},
+               {"page_faults", d.page_faults},
+               {"cpu_allocations", d.allocations},
+               {"cpu_segment_maps", d.segment_maps}});
 }
 
 }  // namespace autotune

@@ -7,8 +7,10 @@
 #include <spdlog/spdlog.h>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "autotune/gpt_workload.h"
+#include "autotune/jsonl_log.h"
 #include "autotune/memory.h"
 #include "autotune/memory_monitor.h"
 #include "autotune/trainer.h"
@@ -116,4 +118,54 @@ TEST(Monitor, WarnsOnceAboveNinetyPercentAndWritesTheTimeline) {
     ++rows;
   }
   EXPECT_EQ(rows, 4 * 3 + 1);  // forward, backward, optimizer per step, and the final eval
+}
+
+namespace {
+std::vector<nlohmann::json> records_of(const std::string& path) {
+  std::ifstream f(path);
+  std::string line;
+  std::vector<nlohmann::json> out;
+  while (std::getline(f, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (!j.is_discarded()) out.push_back(j);
+  }
+  return out;
+}
+}  // namespace
+
+// A writer killed mid-line leaves a torn last line: the next writer's first record still gets a
+// line of its own.
+TEST(Logs, ATornLastLineCostsNoRecord) {
+  const std::string path = tu::temp_dir("torn") + "/steps.jsonl";
+  tu::write_file(path, "{\"step\": 1}\n{\"step\": 2, \"lo");
+  {
+    JsonlLog log(path);
+    log.append({{"step", 3}});
+    EXPECT_FALSE(log.failed());
+  }
+  const auto records = records_of(path);
+  ASSERT_EQ(records.size(), 2u) << tu::read_file(path);
+  EXPECT_EQ(records[0].at("step"), 1);
+  EXPECT_EQ(records[1].at("step"), 3);
+}
+
+// A write that fails (here a file-size limit, as a full disk) is said once, the log stops, and
+// the process goes on.
+TEST(Logs, AWriteErrorIsSaidOnce) {
+  const std::string path = tu::temp_dir("full") + "/memory.jsonl";
+  std::ostringstream said;
+  auto previous = spdlog::default_logger();
+  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
+      "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(said)));
+  {
+    tu::FileSizeLimit limit(256);
+    ASSERT_TRUE(limit.ok());
+    JsonlLog log(path);
+    for (int i = 0; i < 50; ++i) log.append({{"step", i}, {"phase", "forward"}, {"rss", 1 << 20}});
+    EXPECT_TRUE(log.failed());
+  }
+  spdlog::set_default_logger(previous);
+  const std::string text = said.str();
+  EXPECT_NE(text.find("cannot write " + path), std::string::npos) << text;
+  EXPECT_EQ(text.find("cannot write", text.find("cannot write") + 1), std::string::npos) << text;
 }

@@ -2,6 +2,8 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <set>
+#include <sstream>
 
 #include <nlohmann/json.hpp>
 
@@ -136,4 +138,42 @@ TEST(Resume, ResumeAutoRefusesWhenNoCheckpointIsReadable) {
   EXPECT_NE(tu::last_line(r.err).find("is readable"), std::string::npos) << r.err;
   EXPECT_NE(tu::last_line(r.err).find("move them away to start fresh"), std::string::npos);
   EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << "one line: " << r.err;
+}
+
+namespace {
+// (step, phase) of every record of a memory timeline, or the step of every step-log record.
+std::multiset<std::string> keys_of(const std::string& path) {
+  std::multiset<std::string> keys;
+  std::istringstream in(tu::read_file(path));
+  std::string line;
+  while (std::getline(in, line)) {
+    const auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded()) continue;
+    keys.insert(std::to_string(j.value("step", int64_t{-1})) + " " +
+                j.value("phase", std::string("-")));
+  }
+  return keys;
+}
+}  // namespace
+
+// A run killed after step 5 but before its checkpoint resumes from step 4 and repeats step 5:
+// its logs then hold each step once, as a straight run's do.
+TEST(Resume, TheLogsHoldEachStepOnceAfterAResume) {
+  const std::string straight = tu::temp_dir("logs-straight"),
+                    resumed = tu::temp_dir("logs-resumed");
+  auto with_logs = [](std::vector<std::string> a) {
+    a.insert(a.end(), {"--log-every", "1"});
+    return a;
+  };
+  ASSERT_EQ(tu::run_autotune(with_logs(tiny_run(straight, 6))).exit_code, 0);
+  ASSERT_EQ(tu::run_autotune(with_logs(tiny_run(resumed, 5))).exit_code, 0);
+  std::filesystem::remove(resumed + "/checkpoints/step_00000005.pt");  // killed before it
+  std::vector<std::string> again = with_logs(tiny_run(resumed, 6));
+  again.push_back("--resume");
+  const tu::ProcessResult r = tu::run_autotune(again);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  ASSERT_EQ(nlohmann::json::parse(r.out).at("first_step").get<int64_t>(), 4);
+  EXPECT_EQ(keys_of(resumed + "/steps.jsonl"), keys_of(straight + "/steps.jsonl"));
+  EXPECT_EQ(keys_of(resumed + "/memory.jsonl"), keys_of(straight + "/memory.jsonl"));
+  EXPECT_EQ(keys_of(resumed + "/steps.jsonl").size(), 6u);
 }

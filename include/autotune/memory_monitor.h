@@ -4,7 +4,6 @@
 // observer, so the training loop carries no measurement code.
 #pragma once
 #include <cstdint>
-#include <fstream>
 #include <functional>
 #include <map>
 #include <optional>
@@ -13,6 +12,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "autotune/jsonl_log.h"
 #include "autotune/memory.h"
 #include "autotune/trainer.h"
 
@@ -44,6 +44,8 @@ class MemoryMonitor : public TrainObserver {
  public:
   MemoryMonitor(MemoryMeter& meter, MemoryMonitorOptions options);
 
+  // A resumed run: the timeline's records past the resumed step are dropped (they repeat).
+  void on_start(const Plan& plan, const TrainOptions& opt, int64_t first_step) override;
   void on_phase_begin(Phase phase) override;
   void on_phase_end(Phase phase, int64_t step) override;
   void on_step(const StepStats& s) override;
@@ -76,7 +78,7 @@ class MemoryMonitor : public TrainObserver {
   std::vector<PhasePeak> history_;
   PhasePeak peak_;
   bool warned_ = false;
-  std::ofstream timeline_;
+  JsonlLog timeline_;
   uint64_t tensor_at_begin_ = 0;
   AllocatorEvents start_;  // the process-wide counters when the monitor started
 };

@@ -3,17 +3,17 @@
 // An observer: it reads the device scalars only at its log points.
 #pragma once
 #include <cstdint>
-#include <fstream>
 #include <string>
 
+#include "autotune/jsonl_log.h"
 #include "autotune/trainer.h"
 
 namespace autotune {
 
 class StepLog : public TrainObserver {
  public:
-  // Appends to `path` (a resumed run continues the file); every_steps as --log-every (step 1 and
-  // the last step are always written).
+  // Appends to `path` (a resumed run continues the file, without the records of the steps it
+  // repeats); every_steps as --log-every (step 1 and the last step are always written).
   StepLog(const std::string& path, int64_t every_steps);
 
   void on_start(const Plan& plan, const TrainOptions& opt, int64_t first_step) override;
@@ -26,7 +26,7 @@ class StepLog : public TrainObserver {
     int64_t segment_maps = 0;  // CPU allocator segments mapped (fresh pages)
   };
   static Counters now();
-  std::ofstream out_;
+  JsonlLog out_;
   int64_t every_steps_;
   Counters last_;  // at the end of the previous step
 };
