@@ -266,11 +266,12 @@ RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r) {
   if (s.eval_batch) positive("eval-batch", *s.eval_batch);
   positive("nproc", s.nproc);
   positive("dist-timeout", s.dist_timeout_s);
-  if (s.nproc > 1 && command != "run" && command != "probe")
-    throw UsageError("--nproc works with autotune run and probe; drop it from " + command);
-  if (s.shard_optimizer && command != "run" && command != "probe" && command != "trial")
+  if (s.nproc > 1 && command != "run" && command != "probe" && command != "train")
+    throw UsageError("--nproc works with autotune run, probe and train; drop it from " + command);
+  if (s.shard_optimizer && command != "run" && command != "probe" && command != "trial" &&
+      command != "train")
     throw UsageError(
-        "--shard-optimizer works with autotune run and probe (with --nproc); drop it "
+        "--shard-optimizer works with autotune run, probe and train (with --nproc); drop it "
         "from " +
         command);
   if (s.eval_every < 0 || s.checkpoint_every < 0 || s.eval_sequences < 0)

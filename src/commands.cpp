@@ -9,6 +9,7 @@
 #include <spdlog/spdlog.h>
 #include <cxxopts.hpp>
 
+#include "autotune/distributed.h"
 #include "autotune/errors.h"
 #include "autotune/memory.h"
 #include "autotune/memory_monitor.h"
@@ -57,15 +58,17 @@ namespace {
 // one knob (--micro-batch keeps the profile's global batch through grad_accum); the profile's
 // model and data unless --model / --data are given. `source` says which knob came from where,
 // for the settings table.
-Plan plan_from_profile(RunSpec& spec, std::string* source, nlohmann::json* workload) {
+// With ranks (`world` > 1) the profile must be one made for as many ranks: its plan is one rank's
+// share of the effective batch.
+Plan plan_from_profile(RunSpec& spec, int world, std::string* source, nlohmann::json* workload) {
   if (!std::filesystem::exists(spec.profile_file))
     throw UsageError("--profile " + spec.profile_file +
                      ": no such file (`autotune profiles list` shows the stored ones)");
   const auto profile = ProfileStore(spec.profile_dir).load(spec.profile_file);
-  if (profile->fingerprint.world_size > 1)
-    throw UsageError("--profile " + spec.profile_file + " holds a plan per rank of " +
-                     std::to_string(profile->fingerprint.world_size) +
-                     " ranks; train it with autotune run --nproc " +
+  if (profile->fingerprint.world_size != world)
+    throw UsageError("--profile " + spec.profile_file + " holds a plan for " +
+                     std::to_string(profile->fingerprint.world_size) + " rank(s), this run has " +
+                     std::to_string(world) + "; train it with autotune train --nproc " +
                      std::to_string(profile->fingerprint.world_size) + " --profile " +
                      spec.profile_file);
   *workload = profile->fingerprint.workload;
@@ -77,10 +80,11 @@ Plan plan_from_profile(RunSpec& spec, std::string* source, nlohmann::json* workl
   if (!spec.data_given && data.is_object() && data.contains("path"))
     spec.data = data.at("path").get<std::string>();
   Plan plan = profile->plan;
-  const int64_t global = plan.global_batch();
-  if (spec.global_batch && *spec.global_batch != global)
+  const int64_t global = plan.global_batch();  // one rank's share
+  if (spec.global_batch && *spec.global_batch != global * world)
     throw UsageError("--profile " + spec.profile_file + " is a plan for global batch " +
-                     std::to_string(global) + ", not " + std::to_string(*spec.global_batch) +
+                     std::to_string(global * world) + ", not " +
+                     std::to_string(*spec.global_batch) +
                      "; drop --global-batch or probe again with autotune probe");
   std::vector<std::string> overridden;
   if (spec.micro_batch) {
@@ -114,16 +118,36 @@ Plan plan_from_profile(RunSpec& spec, std::string* source, nlohmann::json* workl
     *source += (i == 0 ? "; from the command line: " : ", ") + overridden[i];
   return plan;
 }
+
+// An explicit plan: one rank's share of the global batch (all of it in one process), split by the
+// pins as `run` splits it.
+Plan plan_from_pins_per_rank(const RunSpec& spec, int64_t seq_len, int world) {
+  const int64_t global = resolve_global_batch(spec, seq_len);
+  check_splits_over_ranks(global, world);
+  RunSpec share = spec;
+  share.global_batch = global / world;
+  share.batch_tokens.reset();
+  Plan plan = plan_from_pins(share, seq_len, /*default_micro_batch=*/8);
+  if (spec.shard_optimizer.value_or(false)) {
+    if (world == 1)
+      throw UsageError(
+          "--shard-optimizer on splits the optimizer states over ranks; add --nproc N (N > 1) "
+          "or drop it");
+    plan.optimizer_shards = world;
+  }
+  return plan;
+}
 }  // namespace
 
 int train_command(const RunSpec& spec_in) {
   RunSpec spec = spec_in;
+  const int world = world_from_env().size;
   std::string source = "explicit (autotune train)";
   std::optional<Plan> from_profile;
   nlohmann::json profile_workload;
   if (!spec.profile_file.empty()) {
-    from_profile = plan_from_profile(spec, &source, &profile_workload);
-    spec.global_batch = from_profile->global_batch();
+    from_profile = plan_from_profile(spec, world, &source, &profile_workload);
+    spec.global_batch = from_profile->global_batch() * world;
   }
   RunContext ctx(spec);
   if (from_profile && ctx.workload().config() != profile_workload)
@@ -132,13 +156,15 @@ int train_command(const RunSpec& spec_in) {
         "not fit (autotune --budget SIZE probes this setup)",
         spec.profile_file);
   Plan plan = from_profile ? *from_profile
-                           : plan_from_pins(spec, ctx.workload().default_seq_len(),
-                                            /*default_micro_batch=*/8);
+                           : plan_from_pins_per_rank(spec, ctx.workload().default_seq_len(), world);
   ctx.workload().validate(plan);
   ctx.warm_up({plan.precision});
   ctx.print_settings(plan, source);
   RunSummary summary = ctx.train(plan);
-  if (spec.json) std::cout << ctx.summary_json(summary).dump(2) << std::endl;
+  nlohmann::json out = ctx.summary_json(summary);
+  out["params_digest"] = summary.params_digest;
+  if (ctx.comm()) out["ranks"] = ctx.rank_figures(summary, /*verified_peak=*/0);
+  if (spec.json && ctx.rank() == 0) std::cout << out.dump(2) << std::endl;
   return ctx.exit_code(summary);
 }
 

@@ -7,10 +7,13 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <spawn.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -27,6 +30,8 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include "autotune/errors.h"
+
+extern char** environ;
 
 namespace autotune {
 
@@ -455,10 +460,13 @@ int free_loopback_port() {
 
 namespace {
 
-std::vector<pid_t> g_children;
-void forward_signal(int sig) {
-  for (pid_t p : g_children)
-    if (p > 0) kill(p, sig);
+// The launcher's signal handler only counts; the wait loop forwards (a handler that walks the
+// children would race the loop that writes them).
+volatile sig_atomic_t g_signals_received = 0;
+volatile sig_atomic_t g_last_signal = 0;
+void note_signal(int sig) {
+  g_last_signal = sig;
+  g_signals_received = g_signals_received + 1;
 }
 
 std::string describe_status(int status) {
@@ -468,80 +476,179 @@ std::string describe_status(int status) {
   return "exited with code " + std::to_string(WEXITSTATUS(status));
 }
 
+// Rank r's environment, made before any process starts (nothing is allocated between fork and
+// exec): this process's, with the launcher's variables replaced; the user's OMP_NUM_THREADS wins.
+std::vector<std::string> rank_environment(int rank, int nproc, int port,
+                                          const std::string& threads) {
+  const std::vector<std::string> ours = {"RANK",        "LOCAL_RANK",  "WORLD_SIZE",
+                                         "MASTER_ADDR", "MASTER_PORT", "AUTOTUNE_LAUNCHER_PID"};
+  std::vector<std::string> env;
+  bool user_threads = false;
+  for (char** e = environ; *e; ++e) {
+    const std::string var = *e;
+    const std::string name = var.substr(0, var.find('='));
+    if (std::find(ours.begin(), ours.end(), name) != ours.end()) continue;
+    user_threads = user_threads || name == "OMP_NUM_THREADS";
+    env.push_back(var);
+  }
+  env.push_back("RANK=" + std::to_string(rank));
+  env.push_back("LOCAL_RANK=" + std::to_string(rank));
+  env.push_back("WORLD_SIZE=" + std::to_string(nproc));
+  env.push_back("MASTER_ADDR=127.0.0.1");
+  env.push_back("MASTER_PORT=" + std::to_string(port));
+  env.push_back("AUTOTUNE_LAUNCHER_PID=" + std::to_string(getpid()));
+  if (!user_threads) env.push_back("OMP_NUM_THREADS=" + threads);
+  return env;
+}
+
+std::vector<char*> c_strings(std::vector<std::string>& v) {
+  std::vector<char*> out;
+  for (auto& s : v) out.push_back(s.data());
+  out.push_back(nullptr);
+  return out;
+}
+
+// The ranks still running, by rank; 0 once reaped.
+struct Ranks {
+  std::vector<pid_t> pids;
+  void signal_all(int sig) const {
+    for (pid_t p : pids)
+      if (p > 0) kill(p, sig);
+  }
+  // Kills and waits for every rank still running: no path leaves a child behind.
+  void kill_and_reap() {
+    signal_all(SIGKILL);
+    for (pid_t& p : pids)
+      if (p > 0) {
+        while (waitpid(p, nullptr, 0) < 0 && errno == EINTR) {
+        }
+        p = 0;
+      }
+  }
+  int rank_of(pid_t pid) {
+    for (size_t r = 0; r < pids.size(); ++r)
+      if (pids[r] == pid) {
+        pids[r] = 0;
+        return static_cast<int>(r);
+      }
+    return -1;
+  }
+};
+
 }  // namespace
 
+void follow_launcher() {
+  const char* launcher = std::getenv("AUTOTUNE_LAUNCHER_PID");
+  if (!launcher || !*launcher) return;
+  // The ranks run in their own process group (a Ctrl-C reaches the launcher alone, which
+  // forwards it once); a launcher that dies without forwarding still stops them (SIGTERM: they
+  // save their last step).
+  prctl(PR_SET_PDEATHSIG, SIGTERM);
+  if (std::to_string(getppid()) != launcher) raise(SIGTERM);  // it died before the prctl
+}
+
 int launch_local_ranks(int nproc, const std::vector<std::string>& argv,
-                       std::chrono::milliseconds grace) {
+                       std::chrono::milliseconds grace, const std::string& executable) {
   const int port = free_loopback_port();
   const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
   const std::string threads = std::to_string(std::max(1u, cores / static_cast<unsigned>(nproc)));
   spdlog::info("starting {} ranks on 127.0.0.1:{} ({} thread(s) each)", nproc, port, threads);
   spdlog::default_logger()->flush();
-  g_children.assign(static_cast<size_t>(nproc), 0);
-  struct sigaction sa {};
-  sa.sa_handler = forward_signal;
-  sigaction(SIGTERM, &sa, nullptr);
-  sigaction(SIGINT, &sa, nullptr);
+
+  std::vector<std::string> args = argv;
+  std::vector<char*> c_args = c_strings(args);
+  std::vector<std::vector<std::string>> envs;
+  std::vector<std::vector<char*>> c_envs;
+  for (int r = 0; r < nproc; ++r) envs.push_back(rank_environment(r, nproc, port, threads));
+  for (auto& e : envs) c_envs.push_back(c_strings(e));
+
+  g_signals_received = 0;
+  struct sigaction sa {
+  }, old_int{}, old_term{};
+  sa.sa_handler = note_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, &old_int);
+  sigaction(SIGTERM, &sa, &old_term);
+  posix_spawnattr_t attr;
+  posix_spawnattr_init(&attr);
+  sigset_t none, defaults;
+  sigemptyset(&none);
+  sigemptyset(&defaults);
+  sigaddset(&defaults, SIGINT);
+  sigaddset(&defaults, SIGTERM);
+  posix_spawnattr_setsigmask(&attr, &none);
+  posix_spawnattr_setsigdefault(&attr, &defaults);
+  posix_spawnattr_setpgroup(&attr, 0);  // see follow_launcher
+  posix_spawnattr_setflags(&attr,
+                           POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETPGROUP);
+
+  Ranks ranks{std::vector<pid_t>(static_cast<size_t>(nproc), 0)};
+  auto restore = [&] {
+    posix_spawnattr_destroy(&attr);
+    sigaction(SIGINT, &old_int, nullptr);
+    sigaction(SIGTERM, &old_term, nullptr);
+  };
   for (int r = 0; r < nproc; ++r) {
-    const pid_t pid = fork();
-    if (pid < 0) {
-      forward_signal(SIGKILL);
-      throw RuntimeError(std::string("cannot start rank ") + std::to_string(r) + ": " +
-                         std::strerror(errno));
+    pid_t pid = 0;
+    // glibc's posix_spawn reports a failed exec as its return value.
+    const int err = posix_spawn(&pid, executable.c_str(), nullptr, &attr, c_args.data(),
+                                c_envs[static_cast<size_t>(r)].data());
+    if (err != 0) {
+      ranks.kill_and_reap();
+      restore();
+      throw RuntimeError("cannot start rank " + std::to_string(r) + " (" + executable +
+                         "): " + std::strerror(err));
     }
-    if (pid == 0) {
-      setenv("RANK", std::to_string(r).c_str(), 1);
-      setenv("LOCAL_RANK", std::to_string(r).c_str(), 1);
-      setenv("WORLD_SIZE", std::to_string(nproc).c_str(), 1);
-      setenv("MASTER_ADDR", "127.0.0.1", 1);
-      setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
-      setenv("OMP_NUM_THREADS", threads.c_str(), 0);  // the user's setting wins
-      std::vector<std::string> args = argv;
-      std::vector<char*> c_args;
-      for (auto& a : args) c_args.push_back(a.data());
-      c_args.push_back(nullptr);
-      execv("/proc/self/exe", c_args.data());
-      _exit(127);
-    }
-    g_children[static_cast<size_t>(r)] = pid;
+    ranks.pids[static_cast<size_t>(r)] = pid;
   }
-  int exit_code = 0, running = nproc;
-  bool stopping = false;
+
+  // Wait for the ranks. A rank that fails stops the others (SIGTERM, SIGKILL after `grace`); a
+  // signal to the launcher is forwarded and the run is a stop (128 + signal), not a failure.
+  int exit_code = kExitOk, running = nproc, forwarded = 0, stop_signal = 0;
+  bool failing = false;
   auto deadline = std::chrono::steady_clock::time_point::max();
   while (running > 0) {
+    if (g_signals_received != forwarded) {
+      forwarded = g_signals_received;
+      stop_signal = g_last_signal;
+      spdlog::info("{} received: stopping the ranks after their current step",
+                   strsignal(stop_signal));
+      ranks.signal_all(stop_signal);
+    }
+    if (std::chrono::steady_clock::now() > deadline) {
+      ranks.signal_all(SIGKILL);
+      deadline = std::chrono::steady_clock::time_point::max();
+    }
     int status = 0;
-    const pid_t pid = waitpid(-1, &status, stopping ? WNOHANG : 0);
-    if (pid == 0) {  // stopping, nobody exited yet
-      if (std::chrono::steady_clock::now() > deadline) {
-        forward_signal(SIGKILL);
-        deadline = std::chrono::steady_clock::time_point::max();
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    const pid_t pid = waitpid(-1, &status, WNOHANG);
+    if (pid == 0 || (pid < 0 && errno == EINTR)) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));  // a signal cuts it short
       continue;
     }
     if (pid < 0) {
-      if (errno == EINTR) continue;
-      break;
+      const int err = errno;
+      ranks.kill_and_reap();
+      restore();
+      throw RuntimeError(std::string("waiting for the ranks failed: ") + std::strerror(err) +
+                         "; the ranks were stopped");
     }
-    int rank = -1;
-    for (int r = 0; r < nproc; ++r)
-      if (g_children[static_cast<size_t>(r)] == pid) {
-        rank = r;
-        g_children[static_cast<size_t>(r)] = 0;
-      }
+    const int rank = ranks.rank_of(pid);
     if (rank < 0) continue;
     --running;
     const bool failed = !(WIFEXITED(status) && WEXITSTATUS(status) == 0);
-    if (failed && !stopping) {
-      exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : kExitRuntime;
-      spdlog::error("rank {} {}; stopping the other ranks", rank, describe_status(status));
-      stopping = true;
-      forward_signal(SIGTERM);
-      deadline = std::chrono::steady_clock::now() + grace;
+    if (!failed || failing) continue;
+    if (stop_signal) {
+      spdlog::debug("rank {} {} after the stop", rank, describe_status(status));
+      continue;
     }
+    exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : kExitRuntime;
+    spdlog::error("rank {} {}; stopping the other ranks", rank, describe_status(status));
+    failing = true;
+    ranks.signal_all(SIGTERM);
+    deadline = std::chrono::steady_clock::now() + grace;
   }
-  signal(SIGTERM, SIG_DFL);
-  signal(SIGINT, SIG_DFL);
+  restore();
+  if (stop_signal && !failing) return 128 + stop_signal;
   return exit_code;
 }
 

@@ -392,33 +392,6 @@ Profile share_profile(RunContext& ctx, std::optional<Profile> profile, const Pro
   return p;
 }
 
-// Rank 0's --json summary gathers every rank's figures.
-nlohmann::json rank_figures(RunContext& ctx, const RunSummary& s, uint64_t verified_peak) {
-  // The tensors' own peak: the counting allocator's on CPU, the caching allocator's allocated
-  // bytes on an accelerator (what sharding the optimizer states lowers, without the process).
-  const nlohmann::json mem = ctx.monitor()->to_json();
-  const uint64_t peak_tensor_bytes =
-      ctx.device().is_cpu() ? mem.at("host").value("peak_tensor_bytes", uint64_t{0})
-                            : mem.at("device").value("peak_allocated_bytes", uint64_t{0});
-  nlohmann::json mine = {{"rank", ctx.rank()},
-                         {"budget_bytes", *ctx.budget_bytes()},
-                         {"peak_budget_bytes", ctx.monitor()->peak_budget_bytes()},
-                         {"peak_tensor_bytes", peak_tensor_bytes},
-                         {"verified_peak_bytes", verified_peak},
-                         {"tokens_per_s", s.tokens_per_s},
-                         {"plan", s.plan},
-                         {"params_digest", s.params_digest},
-                         {"allreduce_s", s.allreduce_s},
-                         {"allreduce_calls", s.allreduce_calls},
-                         {"optimizer_state_bytes", s.optimizer_state_bytes},
-                         {"broadcast_s", s.broadcast_s},
-                         {"oom_recoveries", s.recoveries.size()}};
-  nlohmann::json all = nlohmann::json::array();
-  for (const auto& t : ctx.comm()->gather_text("summary", mine.dump(), 0, std::chrono::minutes(10)))
-    all.push_back(nlohmann::json::parse(t));
-  return all;
-}
-
 // Trials in fresh processes of this binary with this command's flags, on this rank's device,
 // each in a memory cgroup with the budget (the host's, on an accelerator) as its limit.
 IsolatedTrialsOptions isolated_trials_options(RunContext& ctx) {
@@ -519,7 +492,7 @@ int tune_command(const RunSpec& spec_in) {
     spdlog::warn("full run peak {} is ABOVE THE BUDGET {}", format_bytes(peak),
                  format_bytes(*ctx.budget_bytes()));
   const nlohmann::json ranks =
-      ctx.comm() ? rank_figures(ctx, summary, verified_peak) : nlohmann::json::array();
+      ctx.comm() ? ctx.rank_figures(summary, verified_peak) : nlohmann::json::array();
   // The prober keeps the profile (its fingerprint is the prober's device); rank 0 tells the user.
   if (probes) record_full_run(ctx, store, path, *profile, summary);
   if (rank0) print_what_next(ctx, *profile, profile_path, peak, reused);

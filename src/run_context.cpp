@@ -52,9 +52,11 @@ const std::atomic<int>& RunContext::stop_signal() {
 
 RunContext::RunContext(const RunSpec& spec) : spec_(spec), device_(resolve_device(spec.device)) {
   if (const WorldInfo world = world_from_env(); world.size > 1) {
-    if (spec_.command != "run" && spec_.command != "probe")
-      throw UsageError("autotune " + spec_.command + " runs as one process; launch autotune run " +
-                       "or probe as ranks (WORLD_SIZE is " + std::to_string(world.size) + ")");
+    if (spec_.command != "run" && spec_.command != "probe" && spec_.command != "train")
+      throw UsageError("autotune " + spec_.command + " runs as one process; launch autotune run, " +
+                       "probe or train as ranks (WORLD_SIZE is " + std::to_string(world.size) +
+                       ")");
+    follow_launcher();
     // Rank r's lines carry its number; ranks other than 0 say only warnings and errors.
     spdlog::set_pattern("%^[%H:%M:%S %L rank " + std::to_string(world.rank) + "]%$ %v");
     if (world.rank > 0 && !spec_.verbose) spdlog::set_level(spdlog::level::warn);
@@ -392,6 +394,33 @@ int RunContext::exit_code(const RunSummary& s) const {
   if (s.stop_signal == SIGINT) return kExitSigint;
   if (s.stop_signal == SIGTERM) return kExitSigterm;
   return kExitOk;
+}
+
+nlohmann::json RunContext::rank_figures(const RunSummary& s, uint64_t verified_peak) {
+  // The tensors' own peak: the counting allocator's on CPU, the caching allocator's allocated
+  // bytes on an accelerator (what sharding the optimizer states lowers, without the process).
+  const nlohmann::json mem = monitor()->to_json();
+  const uint64_t peak_tensor_bytes =
+      device().is_cpu() ? mem.at("host").value("peak_tensor_bytes", uint64_t{0})
+                        : mem.at("device").value("peak_allocated_bytes", uint64_t{0});
+  nlohmann::json mine = {
+      {"rank", rank()},
+      {"budget_bytes", budget_bytes_ ? nlohmann::json(*budget_bytes_) : nlohmann::json()},
+      {"peak_budget_bytes", monitor()->peak_budget_bytes()},
+      {"peak_tensor_bytes", peak_tensor_bytes},
+      {"verified_peak_bytes", verified_peak},
+      {"tokens_per_s", s.tokens_per_s},
+      {"plan", s.plan},
+      {"params_digest", s.params_digest},
+      {"allreduce_s", s.allreduce_s},
+      {"allreduce_calls", s.allreduce_calls},
+      {"optimizer_state_bytes", s.optimizer_state_bytes},
+      {"broadcast_s", s.broadcast_s},
+      {"oom_recoveries", s.recoveries.size()}};
+  nlohmann::json all = nlohmann::json::array();
+  for (const auto& t : comm()->gather_text("summary", mine.dump(), 0, std::chrono::minutes(10)))
+    all.push_back(nlohmann::json::parse(t));
+  return all;
 }
 
 }  // namespace autotune

@@ -526,3 +526,107 @@ TEST(Distributed, TheRankWithTheSmallestBudgetProbesForAll) {
   EXPECT_TRUE(std::filesystem::exists(j.at("profile").get<std::string>()))
       << "the prober saved its profile";
 }
+
+TEST(Distributed, TrainWithNprocTrainsLikeRunWithTheSamePlan) {
+  // `train --nproc 2` and `torchrun ... autotune train` with the plan that `run --nproc 2`
+  // pins: the same ranks, samples and plan, so the same parameters.
+  const std::string dir = tu::temp_dir("dp-train");
+  auto train_args = [&](const std::string& run) {
+    return std::vector<std::string>{"train",       "--data",        tu::corpus_path(),
+                                    "--model",     "gpt-tiny",      "--global-batch",
+                                    "8",           "--micro-batch", "4",
+                                    "--precision", "fp32",          "--checkpointing",
+                                    "off",         "--steps",       "6",
+                                    "--run-dir",   dir + "/" + run, "--eval-sequences",
+                                    "8",           "--json"};
+  };
+  const nlohmann::json run = parse_json(tu::run_autotune(pinned_run(dir + "/run", 4, 2)));
+  auto nproc_args = train_args("nproc");
+  nproc_args.insert(nproc_args.end(), {"--nproc", "2"});
+  const nlohmann::json train = parse_json(tu::run_autotune(nproc_args));
+  EXPECT_EQ(train.at("world_size"), 2);
+  EXPECT_EQ(train.at("effective_batch"), 8);
+  EXPECT_EQ(train.at("plan").at("micro_batch"), 4);
+  EXPECT_EQ(train.at("plan").at("grad_accum"), 1) << "one rank's share of the global batch";
+  EXPECT_EQ(train.at("ranks")[0].at("params_digest"), train.at("ranks")[1].at("params_digest"));
+  EXPECT_EQ(train.at("params_digest"), run.at("params_digest"))
+      << "train --nproc 2 and run --nproc 2 trained the same plan to different parameters";
+
+  const std::string torchrun =
+      std::filesystem::path(AUTOTUNE_PYTHON).parent_path().string() + "/torchrun";
+  std::vector<std::string> cmd = {"--no-python", "--standalone", "--nproc-per-node", "2",
+                                  AUTOTUNE_BIN};
+  const auto args = tu::on_cpu(train_args("torchrun"));
+  cmd.insert(cmd.end(), args.begin(), args.end());
+  const tu::ProcessResult r = tu::run_program(torchrun, cmd, {"OMP_NUM_THREADS=1"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(r.out).at("params_digest"), run.at("params_digest"))
+      << "torchrun ... autotune train trained another model";
+}
+
+TEST(Distributed, ARankThatCannotStartIsNamedWithItsErrorAndNothingIsLeftRunning) {
+  try {
+    launch_local_ranks(2, {"autotune", "run"}, std::chrono::seconds(1), "/nonexistent/autotune");
+    FAIL() << "a rank that cannot start was not reported";
+  } catch (const RuntimeError& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("cannot start rank 0 (/nonexistent/autotune)"), std::string::npos) << what;
+    EXPECT_NE(what.find("No such file or directory"), std::string::npos) << what;
+  }
+  errno = 0;
+  EXPECT_EQ(waitpid(-1, nullptr, WNOHANG), -1);
+  EXPECT_EQ(errno, ECHILD) << "a child of the launcher is left";
+}
+
+TEST(Distributed, ASigintToTheLauncherIsAStopNotAFailure) {
+  const std::string dir = tu::temp_dir("dp-sigint");
+  const std::string err = dir + "/stderr";
+  auto args = tu::on_cpu(pinned_run(dir, 4, 2, 100000));
+  args.insert(args.begin(), AUTOTUNE_BIN);
+  args.insert(args.end(), {"--log-every", "1"});
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+  posix_spawn_file_actions_addopen(&fa, 2, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  pid_t launcher = 0;
+  ASSERT_EQ(posix_spawn(&launcher, AUTOTUNE_BIN, &fa, nullptr, argv.data(), environ), 0);
+  posix_spawn_file_actions_destroy(&fa);
+  const std::string steps = dir + "/run/steps.jsonl";
+  for (int i = 0; i < 1200 && !(std::filesystem::exists(steps) &&
+                                tu::read_file(steps).find("\"step\":2,") != std::string::npos);
+       ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  ASSERT_TRUE(std::filesystem::exists(steps)) << tu::read_file(err);
+  ASSERT_EQ(kill(launcher, SIGINT), 0);
+  int status = 0;
+  pid_t done = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  while ((done = waitpid(launcher, &status, WNOHANG)) == 0 &&
+         std::chrono::steady_clock::now() - t0 < std::chrono::seconds(60))
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  if (done == 0) {
+    kill(launcher, SIGKILL);
+    waitpid(launcher, &status, 0);
+    FAIL() << "the launcher did not stop within 60 s of SIGINT\n" << tu::read_file(err);
+  }
+  const std::string text = tu::read_file(err);
+  ASSERT_TRUE(WIFEXITED(status)) << text;
+  EXPECT_EQ(WEXITSTATUS(status), 130) << text;
+  EXPECT_NE(text.find("Interrupt received: stopping the ranks"), std::string::npos) << text;
+  EXPECT_EQ(text.find("stopping the other ranks"), std::string::npos)
+      << "a forwarded stop was reported as a rank's failure:\n"
+      << text;
+  EXPECT_FALSE(tu::list_dir(dir + "/run/checkpoints").empty()) << "the stop saved the last step";
+  // No rank outlives the launcher.
+  const std::string mark = "AUTOTUNE_LAUNCHER_PID=" + std::to_string(launcher);
+  for (const auto& e : std::filesystem::directory_iterator("/proc")) {
+    const std::string name = e.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream env(e.path() / "environ");
+    std::string var;
+    while (std::getline(env, var, '\0')) EXPECT_NE(var, mark) << "rank " << name << " still runs";
+  }
+}

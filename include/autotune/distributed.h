@@ -138,11 +138,19 @@ bool overlap_allreduce(torch::Device device);
 // rank 0's store listens. Throws RuntimeError when no socket can be bound.
 int free_loopback_port();
 
-// `--nproc N`: starts N copies of this executable (same arguments, without --nproc) as ranks
-// 0..N-1 on a free loopback port, each with its share of the cores, and waits. When a rank fails,
-// the others are stopped (SIGTERM, then SIGKILL after `grace`) and one line names the rank.
-// Returns the exit code to use: 0, or the first failing rank's.
+// `--nproc N`: starts N copies of `executable` (this one by default; same arguments, without
+// --nproc) as ranks 0..N-1 on a free loopback port, each with its share of the cores, with
+// posix_spawn, and waits. When a rank fails, the others are stopped (SIGTERM, then SIGKILL after
+// `grace`) and one line names the rank. SIGINT / SIGTERM to the launcher are forwarded to the
+// ranks, which save their last step. Returns the exit code to use: 0, the first failing rank's,
+// or 128 + the signal after a forwarded stop. Throws RuntimeError when a rank cannot be started
+// (naming the error) or waiting fails; no rank is left running on any path.
 int launch_local_ranks(int nproc, const std::vector<std::string>& argv,
-                       std::chrono::milliseconds grace);
+                       std::chrono::milliseconds grace,
+                       const std::string& executable = "/proc/self/exe");
+
+// In a rank that launch_local_ranks started: SIGTERM when the launcher dies (the ranks run in
+// their own process group, so nothing else would stop them). Elsewhere: nothing.
+void follow_launcher();
 
 }  // namespace autotune

@@ -63,6 +63,10 @@ class RunContext {
   // Trains with console output and the memory monitor; the monitor's figures go in summary_json.
   RunSummary train(const Plan& plan);
   nlohmann::json summary_json(const RunSummary& s) const;
+  // With ranks: every rank's figures (budget, peaks, plan, params digest, all-reduce time),
+  // gathered to rank 0 for its --json summary; every rank calls it. `verified_peak`: the peak of
+  // the plan's verification trial, 0 when none ran.
+  nlohmann::json rank_figures(const RunSummary& s, uint64_t verified_peak);
   int exit_code(const RunSummary& s) const;
   const MemoryMonitor* monitor() const { return monitor_.get(); }
   // Data parallel: this rank's communicator (null in a world of one).
