@@ -298,7 +298,8 @@ std::string speed_chart(const Profile& p, const std::vector<Series>& series,
   return o.str();
 }
 
-std::string timeline_chart(const Profile& p, const Timeline& tl) {
+std::string timeline_chart(const Profile& p, const Timeline& full) {
+  const Timeline tl = downsample(full);
   Chart c;
   c.log_x = false;
   c.title = "The run's memory, phase by phase";
@@ -392,6 +393,35 @@ std::string why(const Profile& p) {
 }
 
 }  // namespace
+
+Timeline downsample(const Timeline& tl, size_t max_points) {
+  const size_t n = tl.points.size();
+  if (n <= max_points || max_points < 2) return tl;
+  const size_t buckets = max_points / 2;
+  const size_t per_bucket = (n + buckets - 1) / buckets;  // ceil: at most `buckets` buckets
+  Timeline out;
+  for (size_t first = 0; first < n; first += per_bucket) {
+    const size_t last = std::min(n, first + per_bucket);
+    TimelinePoint hi = tl.points[first], lo = tl.points[first];
+    for (size_t i = first + 1; i < last; ++i) {
+      const TimelinePoint& q = tl.points[i];
+      for (auto field : {&TimelinePoint::budget_bytes, &TimelinePoint::tensor_bytes,
+                         &TimelinePoint::device_bytes, &TimelinePoint::rss_bytes}) {
+        hi.*field = std::max(hi.*field, q.*field);
+        lo.*field = std::min(lo.*field, q.*field);
+      }
+    }
+    hi.phase = lo.phase = "steps " + std::to_string(tl.points[first].step) + "-" +
+                          std::to_string(tl.points[last - 1].step);
+    out.points.push_back(hi);
+    out.points.push_back(lo);
+  }
+  for (TimelineRecovery r : tl.recoveries) {
+    r.at_point = 2 * (r.at_point / per_bucket);
+    out.recoveries.push_back(r);
+  }
+  return out;
+}
 
 Timeline read_timeline(const std::string& run_dir) {
   const std::string path = run_dir + "/memory.jsonl";

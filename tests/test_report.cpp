@@ -119,3 +119,55 @@ TEST(Report, AMissingProfileOrRunIsOneLine) {
   EXPECT_EQ(no_run.exit_code, 2);
   EXPECT_NE(no_run.err.find("memory.jsonl"), std::string::npos) << no_run.err;
 }
+
+TEST(Report, ALongTimelineStaysUnderItsBoundAndKeepsEveryPeak) {
+  // A synthetic run of `steps` steps, four phases each: a slow ramp with three spikes, one per
+  // meter, and an OOM recovery near the end. The report's size must not grow with the steps,
+  // and the drawn envelope must still reach every spike.
+  const uint64_t MiB = uint64_t{1} << 20;
+  auto synthetic = [&](int64_t steps) {
+    Timeline tl;
+    for (int64_t s = 1; s <= steps; ++s)
+      for (const char* phase : {"forward", "backward", "optimizer", "eval"}) {
+        const uint64_t ramp = 100 * MiB + static_cast<uint64_t>(s) * 64;
+        tl.points.push_back({s, phase, ramp + 10 * MiB, ramp, 0, ramp + 20 * MiB});
+      }
+    const size_t n = tl.points.size();
+    tl.points[n / 3].budget_bytes = 900 * MiB;
+    tl.points[n / 2 + 1].rss_bytes = 800 * MiB;
+    tl.points[2 * n / 3 + 3].tensor_bytes = 700 * MiB;
+    tl.recoveries.push_back({steps - 5, "backward", "a", "b", n - 20});
+    return tl;
+  };
+  const Profile p = fixture_profile();
+  size_t sizes[2] = {0, 0};
+  int i = 0;
+  for (int64_t steps : {25'000, 100'000}) {
+    const Timeline tl = synthetic(steps);
+    const Timeline drawn = downsample(tl);
+    ASSERT_LE(drawn.points.size(), kTimelineMaxPoints);
+    uint64_t budget = 0, rss = 0, tensors = 0;
+    for (const auto& pt : drawn.points) {
+      budget = std::max(budget, pt.budget_bytes);
+      rss = std::max(rss, pt.rss_bytes);
+      tensors = std::max(tensors, pt.tensor_bytes);
+    }
+    EXPECT_EQ(budget, 900 * MiB) << "the budget figure's spike was dropped";
+    EXPECT_EQ(rss, 800 * MiB) << "the rss spike was dropped";
+    EXPECT_EQ(tensors, 700 * MiB) << "the tensors' spike was dropped";
+    ASSERT_EQ(drawn.recoveries.size(), 1u);
+    EXPECT_LT(drawn.recoveries[0].at_point, drawn.points.size());
+    const std::string html = render_report(p, &tl);
+    EXPECT_EQ(count(html, "<g class=\"recovery\">"), 1u);
+    sizes[i++] = html.size();
+    std::printf("%lld steps (%zu phases): report %zu bytes\n", static_cast<long long>(steps),
+                tl.points.size(), html.size());
+  }
+  EXPECT_LT(sizes[1], kReportMaxBytes) << "the stated bound (README: autotune report)";
+  EXPECT_LT(static_cast<double>(sizes[1]), 1.05 * static_cast<double>(sizes[0]))
+      << "four times the steps made the report grow";
+  // A short timeline is drawn point by point, as it was.
+  const Timeline fixture = read_timeline(kFixture);
+  ASSERT_LE(fixture.points.size(), kTimelineMaxPoints);
+  EXPECT_EQ(downsample(fixture).points.size(), fixture.points.size());
+}

@@ -36,6 +36,16 @@ struct Timeline {
 // Reads run_dir/memory.jsonl; UsageError naming the fix when it is missing or unreadable.
 Timeline read_timeline(const std::string& run_dir);
 
+// The timeline in at most `max_points` points, so that the report's size does not grow with the
+// run's steps: consecutive points are grouped into equal buckets, and each bucket becomes two
+// points, its highest and its lowest value of every meter (the envelope: every peak is kept).
+// A timeline of at most `max_points` points is returned as it is.
+constexpr size_t kTimelineMaxPoints = 2000;
+// What that bounds the whole report to, with a profile of a few dozen trials (docs/BENCHMARKS.md
+// has the sizes measured).
+constexpr size_t kReportMaxBytes = size_t{256} << 10;
+Timeline downsample(const Timeline& tl, size_t max_points = kTimelineMaxPoints);
+
 // The whole HTML document.
 std::string render_report(const Profile& profile, const Timeline* timeline);
 
