@@ -8,6 +8,8 @@
 #include <filesystem>
 #include <random>
 
+#include <c10/util/Exception.h>
+
 #include "autotune/errors.h"
 
 namespace fs = std::filesystem;
@@ -46,6 +48,10 @@ void atomic_write_with(const std::string& path,
     if (::rename(tmp.c_str(), path.c_str()) != 0)
       throw RuntimeError("cannot rename " + tmp + " to " + path + ": " + std::strerror(errno));
   } catch (const RuntimeError&) {
+    std::error_code ec;
+    fs::remove(tmp, ec);
+    throw;
+  } catch (const c10::OutOfMemoryError&) {  // the caller may release memory and write again
     std::error_code ec;
     fs::remove(tmp, ec);
     throw;

@@ -82,6 +82,7 @@ std::atomic<int64_t> g_reserved{0}, g_peak_reserved{0};
 std::atomic<int64_t> g_cached{0};
 std::atomic<int64_t> g_num_allocations{0}, g_num_cache_hits{0}, g_num_maps{0}, g_num_unmaps{0};
 std::atomic<int64_t> g_num_ooms{0};
+std::atomic<int64_t> g_since_armed{0}, g_fail_at{0};  // arm_allocation_failure
 std::atomic<int64_t> g_cap{kNoLimit}, g_rss_limit{kNoLimit};
 std::atomic<int> g_scopes{0};
 std::atomic<bool> g_installed{false};
@@ -281,6 +282,9 @@ struct CachingCountingAllocator final : c10::Allocator {
     if (n == 0) return {nullptr, nullptr, &delete_counted, cpu};
     constexpr size_t kMaxBytes = static_cast<size_t>(std::numeric_limits<int64_t>::max() / 4);
     if (n > kMaxBytes) refuse(n, "larger than any host");
+    if (g_since_armed.fetch_add(1, std::memory_order_relaxed) + 1 ==
+        g_fail_at.load(std::memory_order_relaxed))
+      refuse(n, "injected (AUTOTUNE_INJECT_OOM_ALLOC)");
     const auto nbytes = static_cast<int64_t>(n);
     char* base = nullptr;
     Header h{kHeapPath, nbytes, nullptr};
@@ -417,6 +421,16 @@ CachingScope::~CachingScope() {
 }
 bool caching() {
   return g_scopes.load() > 0;
+}
+
+void arm_allocation_failure(int64_t nth) {
+  g_fail_at.store(0, std::memory_order_relaxed);
+  g_since_armed.store(0, std::memory_order_relaxed);
+  g_fail_at.store(nth, std::memory_order_relaxed);
+}
+
+int64_t allocations_since_armed() {
+  return g_since_armed.load(std::memory_order_relaxed);
 }
 
 }  // namespace autotune::cpu_alloc

@@ -163,6 +163,7 @@ Communicator::Communicator(const WorldInfo& world, std::chrono::milliseconds tim
                        std::to_string(timeout.count() / 1000) + " s (" + e.what() +
                        "); start every rank, or check MASTER_ADDR / MASTER_PORT");
   }
+  flag_ = torch::zeros({1}, torch::dtype(torch::kInt32).device(device_));
 }
 
 Communicator::~Communicator() = default;
@@ -269,11 +270,15 @@ torch::Tensor Communicator::average(const torch::Tensor& t) {
   return sum.div_(static_cast<double>(world_.size));
 }
 
+void Communicator::sum_in_place(torch::Tensor& t) {
+  guarded([&] { impl_->all_reduce(t); });
+}
+
 bool Communicator::any(bool flag) {
   // On the device: NCCL reduces device tensors only.
-  at::Tensor t = torch::full({1}, flag ? 1 : 0, torch::dtype(torch::kInt32).device(device_));
-  guarded([&] { impl_->all_reduce(t, c10d::ReduceOp::MAX); });
-  return t.item<int32_t>() != 0;
+  flag_.fill_(flag ? 1 : 0);
+  guarded([&] { impl_->all_reduce(flag_, c10d::ReduceOp::MAX); });
+  return flag_.item<int32_t>() != 0;
 }
 
 std::string Communicator::share_text(const std::string& key, const std::string& text, int root,
@@ -361,7 +366,12 @@ GradientReducer::~GradientReducer() {
   for (const auto& p : params_) torch::autograd::impl::set_post_acc_grad_hooks(p, nullptr);
 }
 
+void GradientReducer::begin_step() {
+  armed_ = began_ = finished_ = false;
+}
+
 void GradientReducer::arm() {
+  began_ = true;
   for (auto& b : buckets_) {
     b.pending = b.params.size();
     b.flat = at::Tensor();
@@ -380,7 +390,12 @@ void GradientReducer::on_gradient(size_t param) {
 }
 
 void GradientReducer::start_ready() {
-  while (next_ < buckets_.size() && buckets_[next_].pending == 0) start(buckets_[next_++], false);
+  // next_ moves past a bucket only once its all-reduce started: an OOM in start() leaves it for
+  // abandon(), so this rank still runs every all-reduce the others run.
+  while (next_ < buckets_.size() && buckets_[next_].pending == 0) {
+    start(buckets_[next_], false);
+    ++next_;
+  }
   // Buckets whose all-reduce is over hand their averages back now: their flat copy is freed
   // while backward goes on, so at most the buckets in flight are alive beside the gradients.
   for (size_t i = 0; i < next_; ++i)
@@ -426,20 +441,23 @@ void GradientReducer::complete(Bucket& b, bool write_back) {
 void GradientReducer::finish() {
   const auto t0 = std::chrono::steady_clock::now();
   armed_ = false;
-  while (next_ < buckets_.size()) start(buckets_[next_++], false);
+  for (; next_ < buckets_.size(); ++next_) start(buckets_[next_], false);
   for (auto& b : buckets_)
     if (!b.done) complete(b, true);
+  finished_ = true;
   comm_.allreduce_seconds_ +=
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   ++comm_.allreduce_calls_;
 }
 
 void GradientReducer::abandon() {
-  if (!armed_) arm();  // the OOM came before the last backward: none of the step's has started
+  if (finished_) return;  // the OOM came after finish(): every rank ran every all-reduce
+  if (!began_) arm();     // the OOM came before the last backward: none of the step's has started
   armed_ = false;
-  while (next_ < buckets_.size()) start(buckets_[next_++], true);
+  for (; next_ < buckets_.size(); ++next_) start(buckets_[next_], true);
   for (auto& b : buckets_)
     if (b.started && !b.done) complete(b, false);
+  finished_ = true;
 }
 
 int free_loopback_port() {

@@ -28,45 +28,56 @@ void FusedAdamW::create_states() {
   }
 }
 
-torch::Tensor FusedAdamW::step(LossClosure closure) {
-  TORCH_CHECK(!closure, "FusedAdamW::step takes no closure");
+FusedAdamW::Update FusedAdamW::prepare() {
   torch::NoGradGuard no_grad;
   create_states();
+  Update update;
   for (auto& group : param_groups()) {
-    const auto& o = static_cast<const torch::optim::AdamWOptions&>(group.options());
-    TORCH_CHECK(!o.amsgrad(), "FusedAdamW does not implement amsgrad");
-    std::vector<torch::Tensor> params, grads, exp_avgs, exp_avg_sqs, steps;
+    Update::Group g;
+    g.options = &static_cast<const torch::optim::AdamWOptions&>(group.options());
+    TORCH_CHECK(!g.options->amsgrad(), "FusedAdamW does not implement amsgrad");
     for (auto& p : group.params()) {
       if (!p.grad().defined()) continue;
-      void* key = p.unsafeGetTensorImpl();
-      auto& s = static_cast<torch::optim::AdamWParamState&>(*state().at(key));
-      auto it = step_tensors_.find(key);
-      if (it == step_tensors_.end())
-        it = step_tensors_
-                 .emplace(key, torch::full({}, static_cast<double>(s.step()),
-                                           p.options().dtype(torch::kFloat32)))
-                 .first;
-      s.step(s.step() + 1);
-      params.push_back(p);
-      grads.push_back(p.grad());
-      exp_avgs.push_back(s.exp_avg());
-      exp_avg_sqs.push_back(s.exp_avg_sq());
-      steps.push_back(it->second);
+      auto& s = static_cast<torch::optim::AdamWParamState&>(*state().at(p.unsafeGetTensorImpl()));
+      g.params.push_back(p);
+      g.grads.push_back(p.grad());
+      g.exp_avgs.push_back(s.exp_avg());
+      g.exp_avg_sqs.push_back(s.exp_avg_sq());
+      g.states.push_back(&s);
     }
-    if (params.empty()) continue;
-    // The kernel reads the step count after the increment (bias correction 1 - beta^step), as
-    // torch.optim.AdamW(fused=True) does.
-    at::_foreach_add_(steps, 1.0);
-    at::_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, /*max_exp_avg_sqs=*/{}, steps, o.lr(),
-                      std::get<0>(o.betas()), std::get<1>(o.betas()), o.weight_decay(), o.eps(),
-                      /*amsgrad=*/false, /*maximize=*/false);
+    if (g.params.empty()) continue;
+    // The kernel reads each step count after the increment (bias correction 1 - beta^step), as
+    // torch.optim.AdamW(fused=True) does, from float scalars on the parameters' device: views of
+    // one tensor, so one allocation (and one copy to an accelerator) per group and step.
+    std::vector<float> counts;
+    for (auto* s : g.states) counts.push_back(static_cast<float>(s->step() + 1));
+    const torch::Tensor all = torch::tensor(counts).to(g.params[0].device());
+    for (int64_t i = 0; i < all.size(0); ++i) g.steps.push_back(all[i]);
+    update.groups.push_back(std::move(g));
   }
+  return update;
+}
+
+void FusedAdamW::apply(Update& update) {
+  torch::NoGradGuard no_grad;
+  for (auto& g : update.groups) {
+    const auto& o = *g.options;
+    at::_fused_adamw_(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, /*max_exp_avg_sqs=*/{}, g.steps,
+                      o.lr(), std::get<0>(o.betas()), std::get<1>(o.betas()), o.weight_decay(),
+                      o.eps(), /*amsgrad=*/false, /*maximize=*/false);
+    for (auto* s : g.states) s->step(s->step() + 1);
+  }
+}
+
+torch::Tensor FusedAdamW::step(LossClosure closure) {
+  TORCH_CHECK(!closure, "FusedAdamW::step takes no closure");
+  Update update = prepare();
+  apply(update);
   return {};
 }
 
 void FusedAdamW::load(torch::serialize::InputArchive& archive) {
   torch::optim::AdamW::load(archive);
-  step_tensors_.clear();  // re-made from the loaded states' step counts at the next step
 }
 
 torch::Tensor clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm) {

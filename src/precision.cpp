@@ -81,11 +81,16 @@ bool LossScaler::unscale_and_check(const std::vector<torch::Tensor>& params) {
   std::vector<torch::Tensor> grads;
   for (const auto& p : params)
     if (p.grad().defined()) grads.push_back(p.grad());
-  auto found_inf = torch::zeros({1}, scale_.options());
+  found_inf_ = torch::zeros({1}, scale_.options());
   auto inv_scale = scale_.reciprocal();
-  at::_amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale);
-  at::_amp_update_scale_(scale_, growth_tracker_, found_inf, 2.0, 0.5, 2000);
-  return found_inf.item<float>() == 0.0f;
+  at::_amp_foreach_non_finite_check_and_unscale_(grads, found_inf_, inv_scale);
+  return found_inf_.item<float>() == 0.0f;
+}
+
+void LossScaler::update() {
+  if (!enabled_ || !found_inf_.defined()) return;
+  at::_amp_update_scale_(scale_, growth_tracker_, found_inf_, 2.0, 0.5, 2000);
+  found_inf_ = torch::Tensor();
 }
 
 double LossScaler::scale() const {

@@ -341,6 +341,12 @@ RunSummary RunContext::train(const Plan& plan) {
     injector = std::make_unique<OomInjector>(inject);
     observers.push_back(injector.get());
   }
+  std::unique_ptr<AllocationOomInjector> alloc_injector;
+  if (const char* inject = std::getenv("AUTOTUNE_INJECT_OOM_ALLOC");
+      inject && *inject && (!inject_rank || std::to_string(rank()) == inject_rank)) {
+    alloc_injector = std::make_unique<AllocationOomInjector>(inject);
+    observers.push_back(alloc_injector.get());
+  }
   RunSummary s = autotune::train(*workload_, plan, train_options(), observers);
   if (s.stop_signal)
     spdlog::warn("stopped by signal {} at step {}; continue with the same command plus --resume{}",

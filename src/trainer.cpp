@@ -230,9 +230,27 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
     }
     if (rank != writer) return;
     CheckpointMeta meta{step, plan, opt.seed, workload.config(), opt.device, world};
-    summary.last_checkpoint =
-        save_checkpoint(opt.run_dir, meta, *model, optimizer, scaler.state(), opt.keep_checkpoints);
-    model->export_to(opt.run_dir);
+    auto save = [&] {
+      summary.last_checkpoint = save_checkpoint(opt.run_dir, meta, *model, optimizer,
+                                                scaler.state(), opt.keep_checkpoints);
+      model->export_to(opt.run_dir);
+    };
+    // Writing copies a few buffers: an OOM there leaves the previous checkpoint intact (the
+    // write is atomic) and is tried once more with the cache released.
+    try {
+      save();
+    } catch (const c10::OutOfMemoryError& e) {
+      spdlog::warn("the checkpoint of step {} ran out of memory ({}); writing it once more", step,
+                   e.what_without_backtrace());
+      release_cached_memory(opt.device);
+      try {
+        save();
+      } catch (const c10::OutOfMemoryError& again) {
+        throw RuntimeError("out of memory while writing the checkpoint of step " +
+                           std::to_string(step) + " (" + again.what_without_backtrace() +
+                           "); the previous checkpoint is intact; give a larger --budget");
+      }
+    }
     notify([&](TrainObserver& o) { o.on_checkpoint(step, summary.last_checkpoint); });
   };
 
@@ -308,12 +326,14 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
       summary.stop_signal = stop;
       break;
     }
+    notify([&](TrainObserver& o) { o.on_step_begin(step); });
     const double lr = learning_rate(opt, step);
     for (auto& group : optimizer.param_groups()) group.options().set_lr(lr);
     auto t0 = std::chrono::steady_clock::now();
     Phase phase = Phase::forward;
     bool agreed = false;  // data parallel: the ranks agreed this step has no OOM
     try {
+      if (reducer) reducer->begin_step();
       model->zero_grad(/*set_to_none=*/true);  // every parameter's (not only this shard's)
       torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions(opt.device));  // [] fp32
       // (Fetching counts as the forward: a prefetch that ran out of memory surfaces here.)
@@ -339,7 +359,7 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
           ahead = fetch(step + 1, 0);
         if (reducer && m + 1 == plan.grad_accum) reducer->arm();  // its gradients are final
         scaler.scale_loss(loss).backward();
-        loss_sum += loss.detach();
+        loss_sum += world > 1 ? loss.detach() / static_cast<double>(world) : loss.detach();
         notify([&](TrainObserver& o) { o.on_phase_end(phase, step); });
         if (opt.release_between_phases) release_cached_memory(opt.device);
         if (m + 1 < plan.grad_accum) {
@@ -350,21 +370,29 @@ RunSummary train(Workload& workload, Plan plan, const TrainOptions& opt,
       phase = Phase::optimizer;
       notify([&](TrainObserver& o) { o.on_phase_begin(phase); });
       optimizer.create_states();
-      if (comm) {
-        reducer->finish();  // the averaged gradients, from the all-reduces backward started
-        // Before any rank changes its parameters, all agree that every forward and backward
-        // ran: an OOM on one rank is recovered on all, with the same plan, so none diverges.
-        if (comm->any(false)) throw PeerOutOfMemory();
-        agreed = true;
-        loss_sum = comm->average(loss_sum);
-      }
+      if (comm) reducer->finish();  // the averaged gradients, from the all-reduces backward started
+      // Everything that allocates comes before anything that outlives the step changes
+      // (parameters, optimizer states, the loss scale): an OOM up to here re-runs the step.
+      // Unscaling and clipping change only the gradients, which a re-run makes again.
       // fp16 only: whether any gradient overflowed is read back (one sync per step, as
       // torch.amp.GradScaler does); bf16 and fp32 never skip a step.
       const bool finite = scaler.unscale_and_check(params);
       torch::Tensor grad_norm;
+      FusedAdamW::Update update;
       if (finite) {
         if (opt.grad_clip > 0) grad_norm = clip_grad_norm(params, opt.grad_clip);
-        optimizer.step();
+        update = optimizer.prepare();
+      }
+      if (comm) {
+        // Before any rank changes its parameters, all agree that every forward and backward
+        // ran: an OOM on one rank is recovered on all, with the same plan, so none diverges.
+        if (comm->any(false)) throw PeerOutOfMemory();
+        agreed = true;
+        comm->sum_in_place(loss_sum);  // each rank's share was divided by the world size
+      }
+      scaler.update();
+      if (finite) {
+        optimizer.apply(update);
         if (comm && shards > 1) comm->broadcast_shards(params, owners);
       }
       notify([&](TrainObserver& o) { o.on_phase_end(phase, step); });

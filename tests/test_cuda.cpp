@@ -147,6 +147,8 @@ TEST(Cuda, Fp16LossScalingSkipsAStepOnInf) {
   p.mutable_grad() =
       torch::full({4}, std::numeric_limits<float>::infinity(), torch::TensorOptions(torch::kCUDA));
   EXPECT_FALSE(scaler.unscale_and_check({p}));
+  EXPECT_EQ(scaler.scale(), 1024.0) << "the scale changes only once the step is certain";
+  scaler.update();
   EXPECT_EQ(scaler.scale(), 512.0);
   p.mutable_grad() = torch::ones({4}, torch::TensorOptions(torch::kCUDA));
   EXPECT_TRUE(scaler.unscale_and_check({p}));

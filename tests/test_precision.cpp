@@ -74,8 +74,13 @@ TEST(Precision, LossScalerSkipsOverflowAndBacksOff) {
   auto p = torch::ones({3}, torch::requires_grad());
   p.mutable_grad() = torch::tensor({1.0f, std::numeric_limits<float>::infinity(), 2.0f});
   EXPECT_FALSE(scaler.unscale_and_check({p}));
+  // The scale changes only when the step is certain (an OOM before it re-runs the step).
+  EXPECT_DOUBLE_EQ(scaler.scale(), 1024.0);
+  scaler.update();
   EXPECT_DOUBLE_EQ(scaler.scale(), 512.0);
   p.mutable_grad() = torch::tensor({1024.0f, 2048.0f, 0.0f});
   EXPECT_TRUE(scaler.unscale_and_check({p}));
   EXPECT_TRUE(torch::allclose(p.grad(), torch::tensor({2.0f, 4.0f, 0.0f})));
+  scaler.update();
+  EXPECT_DOUBLE_EQ(scaler.scale(), 512.0) << "one finite step does not grow it";
 }

@@ -67,6 +67,12 @@ std::optional<int64_t> cap();
 void set_rss_limit(std::optional<int64_t> limit_bytes);
 std::optional<int64_t> rss_limit();
 
+// Test hook (AUTOTUNE_INJECT_OOM_ALLOC, fault_injection.h): counting restarts now, and the
+// `nth` non-empty allocation from here on (1-based, any thread) is refused as one over the cap
+// is; 0 only counts. allocations_since_armed() says how many were made since.
+void arm_allocation_failure(int64_t nth);
+int64_t allocations_since_armed();
+
 // Unmaps every pool segment that holds no live block; returns the bytes handed back.
 int64_t release_cache();
 

@@ -55,7 +55,11 @@ class Communicator {
                         int64_t bucket_bytes = 25 << 20);
   // The mean over ranks of a small tensor (a loss), returned.
   torch::Tensor average(const torch::Tensor& t);
-  // True when `flag` is true on any rank (an all-reduce of one int).
+  // In place: `t` becomes its sum over the ranks; allocates nothing from LibTorch's allocator
+  // (the trainer calls it after the ranks agreed on a step, where an OOM could not be recovered).
+  void sum_in_place(torch::Tensor& t);
+  // True when `flag` is true on any rank (an all-reduce of one int, in a buffer made once, so
+  // neither the stop nor the OOM agreement needs memory).
   bool any(bool flag);
   // `text` of `root` on every rank, through the store: waits up to `wait` (a probe on rank 0 can
   // take minutes, longer than a collective's timeout).
@@ -83,6 +87,7 @@ class Communicator {
   std::chrono::milliseconds timeout_;
   torch::Device device_;
   std::unique_ptr<Impl> impl_;
+  torch::Tensor flag_;  // any()'s int32 [1] on the device
   double allreduce_seconds_ = 0;
   int64_t allreduce_calls_ = 0;
   double broadcast_seconds_ = 0;
@@ -103,14 +108,16 @@ class GradientReducer {
   GradientReducer(const GradientReducer&) = delete;
   GradientReducer& operator=(const GradientReducer&) = delete;
 
+  // Each attempt at a step begins here (again after an OOM).
+  void begin_step();
   // The next backward is the last of the step: its gradients are final when accumulated.
   void arm();
   // After that backward: starts the buckets not started (a parameter without a gradient joins
   // as zeros), waits for all, and writes the averages into the gradients.
   void finish();
   // This rank ran out of memory in the step: runs the rest of the step's all-reduces (the other
-  // ranks run them all) with zeros, so every rank's next collective is the same one. The caller
-  // drops the gradients.
+  // ranks run them all) with zeros, so every rank's next collective is the same one; none when
+  // finish() already ran them. The caller drops the gradients.
   void abandon();
 
  private:
@@ -125,7 +132,9 @@ class GradientReducer {
   std::vector<size_t> bucket_of_;  // per parameter
   size_t next_ = 0;                // the first bucket not started
   bool overlap_ = false;
-  bool armed_ = false;
+  bool armed_ = false;     // the hooks start buckets
+  bool began_ = false;     // arm() ran in this attempt: the buckets are this step's
+  bool finished_ = false;  // every all-reduce of this attempt ran
 };
 
 // Whether the all-reduces overlap backward on `device`: on an accelerator (NCCL runs on its own

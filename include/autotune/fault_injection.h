@@ -3,6 +3,11 @@
 // AUTOTUNE_INJECT_OOM="STEP:PHASE[,STEP:PHASE...]" makes the trainer's phase PHASE (forward,
 // backward, optimizer, eval) of optimizer step STEP (1-based) raise c10::OutOfMemoryError once,
 // exactly as an allocator would. Documented in docs/ERRORS.md; used by the recovery tests.
+//
+// AUTOTUNE_INJECT_OOM_ALLOC="STEP:N" makes the Nth CPU allocation (1-based, any thread) counted
+// from the start of optimizer step STEP, through that step's evaluation and checkpoint, fail as
+// one over the host budget does, inside the allocator: any point of a step, not only a phase's
+// start. N = 0 only counts the window's allocations and says the count (a sweep's range).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -33,6 +38,20 @@ class OomInjector : public TrainObserver {
   std::vector<Shot> shots_;
   int64_t step_ = 0;  // optimizer steps completed
   int64_t fired_ = 0;
+};
+
+class AllocationOomInjector : public TrainObserver {
+ public:
+  // Throws UsageError for a malformed spec.
+  explicit AllocationOomInjector(const std::string& spec);
+  void on_step_begin(int64_t completed) override;
+  void on_end(const RunSummary&) override { close_window(); }
+
+ private:
+  void close_window();
+  int64_t target_step_ = 0;  // 1-based
+  int64_t nth_ = 0;
+  bool armed_ = false, closed_ = false;
 };
 
 }  // namespace autotune

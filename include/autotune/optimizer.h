@@ -19,14 +19,22 @@ class FusedAdamW : public torch::optim::AdamW {
   // exp_avg and exp_avg_sq of every parameter with a gradient, created all or none: an OOM while
   // they are allocated leaves no state half-made and the step can be re-run exactly.
   void create_states();
-  // One AdamW update of every parameter with a gradient (creates missing states first).
+  // One AdamW update in two halves. prepare() makes everything the update needs (missing states,
+  // the step counts the kernel reads) and changes nothing, so an OOM in it leaves the step
+  // re-runnable; apply() then updates the parameters, states and counts in place without
+  // allocating. step() is both.
+  struct Update {
+    struct Group {
+      std::vector<torch::Tensor> params, grads, exp_avgs, exp_avg_sqs, steps;
+      std::vector<torch::optim::AdamWParamState*> states;
+      const torch::optim::AdamWOptions* options = nullptr;
+    };
+    std::vector<Group> groups;
+  };
+  Update prepare();
+  void apply(Update& update);
   torch::Tensor step(LossClosure closure = nullptr) override;
   void load(torch::serialize::InputArchive& archive) override;
-
- private:
-  // The fused kernel reads each parameter's step count from a float tensor on the parameter's
-  // device; kept here (and in step with the states' host counters) so no step makes new ones.
-  std::unordered_map<void*, torch::Tensor> step_tensors_;
 };
 
 // Scales the gradients of `params` so their global L2 norm is at most max_norm (as

@@ -41,15 +41,18 @@ class AutocastScope {
 };
 
 // Dynamic loss scaling (fp16): multiply the loss by scale(), then unscale_and_check() the
-// gradients before clipping; step only when it returns true. Growth x2 every 2000 finite steps,
-// backoff x0.5 on inf/nan.
+// gradients before clipping; step only when it returns true; update() the scale once the step is
+// certain (after the ranks agreed on it: an OOM before that re-runs the step with the scale
+// unchanged). Growth x2 every 2000 finite steps, backoff x0.5 on inf/nan.
 class LossScaler {
  public:
   LossScaler(torch::Device device, bool enabled, double init_scale = 65536.0);
   bool enabled() const { return enabled_; }
   torch::Tensor scale_loss(const torch::Tensor& loss) const;
-  // Unscales grads in place; returns false (and backs the scale off) when any was inf/nan.
+  // Unscales grads in place; returns false when any was inf/nan (update() then backs off).
   bool unscale_and_check(const std::vector<torch::Tensor>& params);
+  // Grows or backs off the scale by the last unscale_and_check's finding; nothing allocated.
+  void update();
   double scale() const;
   torch::Tensor state() const;  // [scale, growth_tracker] for checkpoints
   void load_state(const torch::Tensor& s);
@@ -58,6 +61,7 @@ class LossScaler {
   bool enabled_;
   torch::Tensor scale_;           // [1] float32 on device
   torch::Tensor growth_tracker_;  // [1] int32 on device
+  torch::Tensor found_inf_;       // [1] float32 on device, from the last unscale_and_check
 };
 
 }  // namespace autotune

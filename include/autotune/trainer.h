@@ -106,6 +106,8 @@ class TrainObserver {
  public:
   virtual ~TrainObserver() = default;
   virtual void on_start(const Plan& plan, const TrainOptions& opt, int64_t first_step) {}
+  // Each attempt at optimizer step `completed` + 1 (again after an OOM recovery).
+  virtual void on_step_begin(int64_t completed) {}
   virtual void on_phase_begin(Phase phase) {}
   virtual void on_phase_end(Phase phase, int64_t step) {}
   virtual void on_step(const StepStats& s) {}
