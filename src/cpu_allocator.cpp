@@ -331,6 +331,10 @@ void pin_glibc_thresholds() {
     mallopt(M_MMAP_THRESHOLD, kGlibcMmapThresholdBytes);
   if (std::getenv("MALLOC_TRIM_THRESHOLD_") == nullptr)
     mallopt(M_TRIM_THRESHOLD, kGlibcTrimThresholdBytes);
+  // One arena: the prefetch thread allocates batches and cache entries that the training thread
+  // frees, and with an arena of its own the process's RSS crept up for thousands of steps; with
+  // one it stays flat at the same speed (scripts/bench-soak, docs/BENCHMARKS.md).
+  if (std::getenv("MALLOC_ARENA_MAX") == nullptr) mallopt(M_ARENA_MAX, 1);
 }
 
 }  // namespace
