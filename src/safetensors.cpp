@@ -36,29 +36,9 @@ const DtypeName kDtypes[] = {
     {"U8", c10::ScalarType::Byte},    {"BOOL", c10::ScalarType::Bool},
 };
 
-std::string one_line(std::string s) {
-  std::replace(s.begin(), s.end(), '\n', ' ');
-  return s;
-}
-
 [[noreturn]] void refuse(const std::string& path, const std::string& problem) {
   throw UsageError("safetensors file " + one_line(path) + ": " + problem +
                    "; write it with safetensors.torch.save_file (docs/MODELS.md)");
-}
-
-ssize_t pread_full(int fd, void* buf, size_t n, uint64_t offset) {
-  size_t done = 0;
-  while (done < n) {
-    ssize_t r =
-        ::pread(fd, static_cast<char*>(buf) + done, n - done, static_cast<off_t>(offset + done));
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      return -1;
-    }
-    if (r == 0) break;
-    done += static_cast<size_t>(r);
-  }
-  return static_cast<ssize_t>(done);
 }
 
 }  // namespace

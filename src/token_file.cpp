@@ -15,6 +15,7 @@
 #include <stdexcept>
 #include <utility>
 
+#include "autotune/atomic_file.h"
 #include "autotune/errors.h"
 
 namespace fs = std::filesystem;
@@ -38,13 +39,6 @@ std::string errno_text(int err) {
   return std::strerror(err);
 }
 
-// Paths go into one-line messages: a newline in a file name must not split the line.
-std::string one_line(std::string s) {
-  std::replace(s.begin(), s.end(), '\n', ' ');
-  std::replace(s.begin(), s.end(), '\r', ' ');
-  return s;
-}
-
 [[noreturn]] void refuse(const std::string& path, const std::string& problem) {
   throw UsageError("token file " + one_line(path) + ": " + problem + "; " + kPrepareFix);
 }
@@ -60,23 +54,6 @@ struct Fd {
   Fd& operator=(const Fd&) = delete;
   int release() { return std::exchange(fd, -1); }
 };
-
-// Reads up to `n` bytes at `offset`, retrying short reads and EINTR. Returns the bytes read
-// (less than `n` only at end of file); -1 with errno set on error.
-ssize_t pread_full(int fd, void* buf, size_t n, uint64_t offset) {
-  size_t done = 0;
-  while (done < n) {
-    ssize_t r =
-        ::pread(fd, static_cast<char*>(buf) + done, n - done, static_cast<off_t>(offset + done));
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      return -1;
-    }
-    if (r == 0) break;
-    done += static_cast<size_t>(r);
-  }
-  return static_cast<ssize_t>(done);
-}
 
 // Fills `buf` from the current position until full or end of file; -1 with errno on error.
 ssize_t read_full(int fd, void* buf, size_t n) {

@@ -91,6 +91,22 @@ std::map<std::string, torch::Tensor> checkpoint_parameters(const std::string& ru
   return out;
 }
 
+// Starts the real binary with `args` (args[0] is the program), stdout discarded and stderr into
+// the file `err`, without waiting: for tests that signal the launcher. -1 when it cannot start.
+pid_t start_with_stderr(std::vector<std::string> args, const std::string& err) {
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+  posix_spawn_file_actions_addopen(&fa, 2, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  pid_t pid = 0;
+  const int rc = posix_spawn(&pid, AUTOTUNE_BIN, &fa, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&fa);
+  return rc == 0 ? pid : -1;
+}
+
 }  // namespace
 
 TEST(Distributed, TwoRanksAtMicroBatchBTrainAsOneRankAt2B) {
@@ -206,16 +222,8 @@ TEST(Distributed, AKilledRankStopsTheOthersWithOneLineNamingIt) {
       "--precision",    "fp32",        "--steps",        "100000",
       "--log-every",    "1",           "--run-dir",      dir + "/run",
       "--profile-dir",  dir + "/prof", "--dist-timeout", std::to_string(timeout_s)};
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
-  posix_spawn_file_actions_addopen(&fa, 2, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  pid_t launcher = 0;
-  ASSERT_EQ(posix_spawn(&launcher, AUTOTUNE_BIN, &fa, nullptr, argv.data(), environ), 0);
-  posix_spawn_file_actions_destroy(&fa);
+  const pid_t launcher = start_with_stderr(args, err);
+  ASSERT_GT(launcher, 0);
 
   // Wait until the ranks train (rank 0 logs steps), then find rank 1 by its environment.
   const std::string steps = dir + "/run/steps.jsonl";
@@ -584,16 +592,8 @@ TEST(Distributed, ASigintToTheLauncherIsAStopNotAFailure) {
   auto args = tu::on_cpu(pinned_run(dir, 4, 2, 100000));
   args.insert(args.begin(), AUTOTUNE_BIN);
   args.insert(args.end(), {"--log-every", "1"});
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
-  posix_spawn_file_actions_addopen(&fa, 2, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  pid_t launcher = 0;
-  ASSERT_EQ(posix_spawn(&launcher, AUTOTUNE_BIN, &fa, nullptr, argv.data(), environ), 0);
-  posix_spawn_file_actions_destroy(&fa);
+  const pid_t launcher = start_with_stderr(args, err);
+  ASSERT_GT(launcher, 0);
   const std::string steps = dir + "/run/steps.jsonl";
   for (int i = 0; i < 1200 && !(std::filesystem::exists(steps) &&
                                 tu::read_file(steps).find("\"step\":2,") != std::string::npos);

@@ -130,7 +130,8 @@ double matmul_speed_vs_fp32(torch::Device device, Precision precision) {
       precision == Precision::bf16 ? c10::ScalarType::BFloat16 : c10::ScalarType::Half;
   torch::NoGradGuard no_grad;
   auto fastest_s = [&](c10::ScalarType dtype) {
-    // 33 MFLOP: ~0.5 ms in fp32 on 2 AVX2 cores, ~25 ms in bf16 there.
+    // 2 x 256^3 = 33 MFLOP per matmul: small enough to take milliseconds even where the low
+    // precision has no fast kernel (timings in docs/BENCHMARKS.md).
     const auto options = torch::TensorOptions().device(device).dtype(dtype);
     const torch::Tensor a = torch::randn({256, 256}, options),
                         b = torch::randn({256, 256}, options);

@@ -68,8 +68,8 @@ struct ProbeOptions {
   uint64_t usable_bytes = 0;  // budget - margin: a plan fits when its peak is at most this
   int64_t measured_steps = 2;
   // A fitting trial whose measured steps took less than this is timed again, for at least this
-  // long, without the memory monitor: steps of 0.1 s vary by +-20% on a shared 2-core VM, enough
-  // to rank a slower plan first (like google/benchmark's minimum time).
+  // long, without the memory monitor: on a shared machine short steps vary enough to rank a
+  // slower plan first (like google/benchmark's minimum time; the noise: docs/BENCHMARKS.md).
   double min_measure_s = 1.0;
   uint64_t seed = 1337;
   torch::Device device = torch::kCPU;
