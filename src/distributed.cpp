@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <sstream>
 #include <thread>
 
 #include <spdlog/spdlog.h>
@@ -74,7 +75,17 @@ bool process_alive(long pid) {
   std::string line;
   std::getline(stat, line);
   const auto close = line.rfind(')');
-  return close == std::string::npos || close + 2 >= line.size() || line[close + 2] != 'Z';
+  if (close == std::string::npos) return true;
+  // After the name: state ppid pgrp session tty_nr tpgid flags. A killed process closes its
+  // sockets (which is how its peers notice) before it turns zombie, while PF_EXITING is already
+  // set: either means it is gone.
+  std::istringstream rest(line.substr(close + 1));
+  char state = '?';
+  long skip = 0;
+  unsigned long flags = 0;
+  rest >> state >> skip >> skip >> skip >> skip >> skip >> flags;
+  constexpr unsigned long kPfExiting = 0x4;
+  return state != 'Z' && state != 'X' && !(flags & kPfExiting);
 }
 
 }  // namespace
