@@ -122,19 +122,11 @@ Plan plan_from_profile(RunSpec& spec, int world, std::string* source, nlohmann::
 // An explicit plan: one rank's share of the global batch (all of it in one process), split by the
 // pins as `run` splits it.
 Plan plan_from_pins_per_rank(const RunSpec& spec, int64_t seq_len, int world) {
-  const int64_t global = resolve_global_batch(spec, seq_len);
-  check_splits_over_ranks(global, world);
   RunSpec share = spec;
-  share.global_batch = global / world;
+  share.global_batch = checked_global_batch(spec, seq_len, world) / world;
   share.batch_tokens.reset();
   Plan plan = plan_from_pins(share, seq_len, /*default_micro_batch=*/8);
-  if (spec.shard_optimizer.value_or(false)) {
-    if (world == 1)
-      throw UsageError(
-          "--shard-optimizer on splits the optimizer states over ranks; add --nproc N (N > 1) "
-          "or drop it");
-    plan.optimizer_shards = world;
-  }
+  if (spec.shard_optimizer.value_or(false)) plan.optimizer_shards = world;
   return plan;
 }
 }  // namespace

@@ -360,12 +360,17 @@ nlohmann::json IsolatedTrials::answer(const Outcome& o, const char* what) const 
                      (o.last_line.empty() ? std::string(" without a word") : ": " + o.last_line));
 }
 
+nlohmann::json IsolatedTrials::plan_request(const char* kind, const Plan& plan,
+                                            const ProbeOptions& probe) const {
+  return {{"kind", kind},
+          {"plan", plan},
+          {"probe", probe},
+          {"device", opt_.device.str()},
+          {"device_bytes_of_probe", opt_.device_bytes_of_probe}};
+}
+
 Trial IsolatedTrials::run(const Plan& plan, const ProbeOptions& probe) {
-  const nlohmann::json request = {{"kind", "trial"},
-                                  {"plan", plan},
-                                  {"probe", probe},
-                                  {"device", opt_.device.str()},
-                                  {"device_bytes_of_probe", opt_.device_bytes_of_probe}};
+  const nlohmann::json request = plan_request("trial", plan, probe);
   const Outcome o = spawn(request, /*limit=*/true);
   if (o.killed && !o.result) {
     Trial t;
@@ -410,11 +415,7 @@ double IsolatedTrials::precision_speed(Precision precision) {
 }
 
 std::optional<uint64_t> IsolatedTrials::need_bytes(const Plan& plan, const ProbeOptions& probe) {
-  const nlohmann::json request = {{"kind", "need"},
-                                  {"plan", plan},
-                                  {"probe", probe},
-                                  {"device", opt_.device.str()},
-                                  {"device_bytes_of_probe", opt_.device_bytes_of_probe}};
+  const nlohmann::json request = plan_request("need", plan, probe);
   const Outcome o = spawn(request, /*limit=*/false);
   if (o.killed && !o.result) return std::nullopt;
   const Trial t = answer(o, "need").at("trial").get<Trial>();

@@ -71,13 +71,11 @@ void JsonlLog::append(const nlohmann::json& record) {
 
 void JsonlLog::drop_after_step(int64_t step) {
   if (fd_ < 0) return;
-  std::string text, chunk(1 << 16, '\0');
-  for (off_t off = 0;;) {
-    const ssize_t n = ::pread(fd_, chunk.data(), chunk.size(), off);
-    if (n <= 0) break;
-    text.append(chunk.data(), static_cast<size_t>(n));
-    off += n;
-  }
+  struct stat st {};
+  if (::fstat(fd_, &st) != 0) return;
+  std::string text(static_cast<size_t>(st.st_size), '\0');
+  const ssize_t got = pread_full(fd_, text.data(), text.size(), 0);
+  text.resize(got > 0 ? static_cast<size_t>(got) : 0);
   std::istringstream in(text);
   std::string line, kept;
   bool dropped = false;

@@ -87,25 +87,6 @@ bool save_profile(const ProfileStore& store, const Profile& p, const std::string
   }
 }
 
-// The effective batch of every rank together; the plan's micro_batch x grad_accum is one rank's
-// share of it.
-int64_t checked_global_batch(const RunContext& ctx) {
-  const RunSpec& spec = ctx.spec();
-  const int64_t global_batch =
-      resolve_global_batch(spec, spec.seq_len.value_or(ctx.workload().default_seq_len()));
-  const int world = ctx.world_size();
-  check_splits_over_ranks(global_batch, world);
-  if (spec.shard_optimizer.value_or(false) && world == 1)
-    throw UsageError(
-        "--shard-optimizer on splits the optimizer states over ranks; add --nproc N (N > 1) "
-        "or drop it");
-  if (spec.micro_batch && (global_batch / world) % *spec.micro_batch != 0)
-    throw UsageError("--global-batch " + std::to_string(global_batch) +
-                     " is not reachable with --micro-batch " + std::to_string(*spec.micro_batch) +
-                     ": the micro-batch must divide the global batch; pick a divisor");
-  return global_batch;
-}
-
 ProfileStore open_store(const RunSpec& spec) {
   ProfileStore store(spec.profile_dir);
   if (spec.require_profile_save) {
@@ -411,7 +392,8 @@ IsolatedTrialsOptions isolated_trials_options(RunContext& ctx) {
 int tune_command(const RunSpec& spec_in) {
   RunContext ctx(spec_in);
   const RunSpec& spec = ctx.spec();
-  const int64_t global_batch = checked_global_batch(ctx);
+  const int64_t global_batch = checked_global_batch(
+      spec, spec.seq_len.value_or(ctx.workload().default_seq_len()), ctx.world_size());
   const ProfileStore store = open_store(spec);
   spdlog::info("mode {}", ctx.mode().reason);
   const Fingerprint fp = make_fingerprint(ctx, global_batch);

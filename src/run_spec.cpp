@@ -59,6 +59,20 @@ void check_splits_over_ranks(int64_t global_batch, int64_t ranks) {
                      std::to_string(ranks) + " ranks; give a multiple of " + std::to_string(ranks));
 }
 
+int64_t checked_global_batch(const RunSpec& spec, int64_t seq_len, int world) {
+  const int64_t global_batch = resolve_global_batch(spec, seq_len);
+  check_splits_over_ranks(global_batch, world);
+  if (spec.shard_optimizer.value_or(false) && world == 1)
+    throw UsageError(
+        "--shard-optimizer on splits the optimizer states over ranks; add --nproc N (N > 1) "
+        "or drop it");
+  if (spec.micro_batch && (global_batch / world) % *spec.micro_batch != 0)
+    throw UsageError("--global-batch " + std::to_string(global_batch) +
+                     " is not reachable with --micro-batch " + std::to_string(*spec.micro_batch) +
+                     ": the micro-batch must divide the global batch; pick a divisor");
+  return global_batch;
+}
+
 int64_t resolve_global_batch(const RunSpec& spec, int64_t seq_len) {
   if (spec.batch_tokens) {
     if (*spec.batch_tokens % seq_len != 0)

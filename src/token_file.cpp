@@ -71,16 +71,8 @@ ssize_t read_full(int fd, void* buf, size_t n) {
 }
 
 void write_all(int fd, const void* buf, size_t n, const std::string& what) {
-  const char* p = static_cast<const char*>(buf);
-  while (n > 0) {
-    ssize_t w = ::write(fd, p, n);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      throw RuntimeError("cannot write " + one_line(what) + ": " + errno_text(errno));
-    }
-    p += w;
-    n -= static_cast<size_t>(w);
-  }
+  if (const int err = autotune::write_all(fd, buf, n))
+    throw RuntimeError("cannot write " + one_line(what) + ": " + errno_text(err));
 }
 
 // ---- prepare: input discovery --------------------------------------------------------------

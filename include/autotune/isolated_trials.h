@@ -88,6 +88,8 @@ class IsolatedTrials : public TrialRunner {
   // Starts `autotune trial` with `request`, waits for it, and reads its answer. `limit`: put it
   // in a memory cgroup with the budget as its limit (where cgroups can be made).
   Outcome spawn(const nlohmann::json& request, bool limit);
+  // The request of a "trial" or "need" process: one plan, the probe options, this device.
+  nlohmann::json plan_request(const char* kind, const Plan& plan, const ProbeOptions& probe) const;
   nlohmann::json answer(const Outcome& o, const char* what) const;
 
   IsolatedTrialsOptions opt_;

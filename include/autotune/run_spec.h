@@ -78,6 +78,12 @@ int64_t resolve_global_batch(const RunSpec& spec, int64_t seq_len);
 // naming the fix when it does not split.
 void check_splits_over_ranks(int64_t global_batch, int64_t ranks);
 
+// The effective batch of all `world` ranks together (resolve_global_batch at `seq_len`), checked
+// against the flags that split it: it splits over the ranks, --micro-batch divides one rank's
+// share, and --shard-optimizer on has ranks to split over. Throws UsageError naming the fix. The
+// plan's micro_batch x grad_accum is one rank's share of it.
+int64_t checked_global_batch(const RunSpec& spec, int64_t seq_len, int world);
+
 // Resolves "auto"/"cpu"/"cuda:1"; throws UsageError when the device is not there.
 torch::Device resolve_device(const std::string& name);
 
