@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The Python PyTorch reference for scripts/bench-vs-python: the same models as autotune's
-built-in workloads (src/gpt.cpp, src/lstm_workload.cpp), built in the same order from the same
+built-in workloads (src/models/gpt.cpp, src/models/lstm_workload.cpp), built in the same order from the same
 seed, so the weights are bit-identical; the same data windows (the (seed, step, index) hash of
 include/autotune/workload.h); the same AdamW groups, warmup + cosine schedule and clipping
-(src/trainer.cpp). It trains the way a PyTorch user writes it (eager by default, or
+(src/train/trainer.cpp). It trains the way a PyTorch user writes it (eager by default, or
 torch.compile) and prints one JSON object: per-step losses and times, page faults and CPU
 allocations per step.
 
@@ -39,7 +39,7 @@ def sample_hash(seed, stream, index):
     return splitmix64(seed ^ splitmix64(stream ^ splitmix64(index & M64)))
 
 
-# ---- GPT (src/gpt.cpp) ---------------------------------------------------------------------------
+# ---- GPT (src/models/gpt.cpp) ---------------------------------------------------------------------------
 class Block(nn.Module):
     def __init__(self, d_model, n_head, dropout):
         super().__init__()
@@ -122,7 +122,7 @@ class TokenData:
         return buf[:, :T], buf[:, 1:]
 
 
-# ---- LSTM regressor (src/lstm_workload.cpp) -----------------------------------------------------
+# ---- LSTM regressor (src/models/lstm_workload.cpp) -----------------------------------------------------
 class LstmRegressor(nn.Module):
     def __init__(self, channels, hidden, layers, outputs):
         super().__init__()
@@ -160,7 +160,7 @@ class LstmData:
         return signal, angles
 
 
-# ---- a user's module on safetensors samples (src/torchscript_workload.cpp) ---------------------
+# ---- a user's module on safetensors samples (src/models/torchscript_workload.cpp) ---------------------
 class NamedData:
     """Samples of a safetensors file placed by the (seed, step, index) hash; the last 10% are the
     validation set, as NamedTensorData does."""
@@ -190,7 +190,7 @@ def load_module(spec):
     return getattr(mod, cls)()
 
 
-# ---- training (src/trainer.cpp) -----------------------------------------------------------------
+# ---- training (src/train/trainer.cpp) -----------------------------------------------------------------
 def learning_rate(lr, min_lr, steps, step):
     warmup = min(100, steps // 10)
     if step < warmup:

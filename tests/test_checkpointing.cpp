@@ -3,7 +3,7 @@
 #include <gtest/gtest.h>
 
 #include "autotune/gpt.h"
-#include "autotune/precision.h"
+#include "train/precision.h"
 
 using namespace autotune;
 

@@ -18,9 +18,9 @@
 #include "autotune/distributed.h"
 #include "autotune/gpt_workload.h"
 #include "autotune/memory.h"
-#include "autotune/precision.h"
 #include "autotune/trainer.h"
 #include "test_support.h"
+#include "train/precision.h"
 
 namespace tu = autotune::testing;
 using namespace autotune;

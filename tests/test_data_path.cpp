@@ -22,12 +22,13 @@
 
 #include <nlohmann/json.hpp>
 
-#include "autotune/batch_loader.h"
 #include "autotune/errors.h"
 #include "autotune/gpt_workload.h"
 #include "autotune/memory.h"
-#include "autotune/sample_cache.h"
 #include "autotune/token_file.h"
+#include "data/batch_loader.h"
+#include "data/sample_cache.h"
+#include "memory/cpu_allocator.h"
 #include "test_support.h"
 
 namespace fs = std::filesystem;

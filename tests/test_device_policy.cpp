@@ -6,9 +6,9 @@
 #include <nlohmann/json.hpp>
 
 #include "autotune/machine.h"
-#include "autotune/precision.h"
 #include "autotune/trainer.h"
 #include "test_support.h"
+#include "train/precision.h"
 
 namespace tu = autotune::testing;
 using namespace autotune;

@@ -11,8 +11,9 @@
 #include "autotune/gpt_workload.h"
 #include "autotune/lstm_workload.h"
 #include "autotune/memory.h"
-#include "autotune/memory_monitor.h"
 #include "autotune/trainer.h"
+#include "memory/cpu_allocator.h"
+#include "memory/memory_monitor.h"
 #include "test_support.h"
 
 namespace tu = autotune::testing;

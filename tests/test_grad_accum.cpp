@@ -58,8 +58,8 @@ TEST(GradAccum, MicroBatchesEqualOneBigBatch) {
   }
 }
 
-// Checkpointed blocks add their output projection's gradients by hand (src/gpt.cpp): they must
-// accumulate across micro-batches exactly as autograd's do.
+// Checkpointed blocks add their output projection's gradients by hand (src/models/gpt.cpp): they
+// must accumulate across micro-batches exactly as autograd's do.
 TEST(GradAccum, CheckpointedMicroBatchesEqualOneBigBatch) {
   auto w = tiny_workload();
   const int64_t global = 8;

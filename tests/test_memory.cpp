@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "autotune/memory.h"
+#include "memory/cpu_allocator.h"
 #include "test_support.h"
 
 namespace autotune {
@@ -196,7 +197,7 @@ int64_t round_to(int64_t n, int64_t to) {
   return (n + to - 1) / to * to;
 }
 // The block a pooled request of n bytes takes, and the segment a large one maps
-// (include/autotune/cpu_allocator.h).
+// (src/memory/cpu_allocator.h).
 int64_t block_of(int64_t n) {
   return round_to(n + cpu_alloc::kHeaderBytes, cpu_alloc::kBlockAlignBytes);
 }

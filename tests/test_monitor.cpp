@@ -10,11 +10,11 @@
 #include <sstream>
 
 #include "autotune/gpt_workload.h"
-#include "autotune/jsonl_log.h"
 #include "autotune/memory.h"
-#include "autotune/memory_monitor.h"
 #include "autotune/trainer.h"
+#include "memory/memory_monitor.h"
 #include "test_support.h"
+#include "util/jsonl_log.h"
 
 namespace tu = autotune::testing;
 using namespace autotune;

@@ -4,9 +4,9 @@
 #include <gtest/gtest.h>
 
 #include "autotune/gpt_workload.h"
-#include "autotune/precision.h"
 #include "autotune/trainer.h"
 #include "test_support.h"
+#include "train/precision.h"
 
 namespace tu = autotune::testing;
 

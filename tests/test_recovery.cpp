@@ -14,11 +14,12 @@
 #include <thread>
 
 #include "autotune/checkpoint.h"
-#include "autotune/fault_injection.h"
 #include "autotune/gpt_workload.h"
 #include "autotune/memory.h"
 #include "autotune/trainer.h"
+#include "memory/cpu_allocator.h"
 #include "test_support.h"
+#include "train/fault_injection.h"
 
 namespace tu = autotune::testing;
 namespace fs = std::filesystem;

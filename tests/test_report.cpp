@@ -11,7 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "autotune/profile.h"
-#include "autotune/report.h"
+#include "report.h"
 #include "test_support.h"
 
 namespace tu = autotune::testing;

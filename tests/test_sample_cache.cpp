@@ -1,6 +1,6 @@
 // The byte-capped LRU sample cache: the cap, the eviction order, exact hit/miss counting, the
 // disabled cache, and concurrent readers.
-#include "autotune/sample_cache.h"
+#include "data/sample_cache.h"
 
 #include <gtest/gtest.h>
 

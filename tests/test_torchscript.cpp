@@ -8,11 +8,12 @@
 #include "autotune/checkpoint.h"
 #include "autotune/errors.h"
 #include "autotune/memory.h"
-#include "autotune/precision.h"
 #include "autotune/torchscript_workload.h"
 #include "autotune/trainer.h"
 #include "autotune/tuner.h"
+#include "memory/cpu_allocator.h"
 #include "test_support.h"
+#include "train/precision.h"
 
 namespace tu = autotune::testing;
 using namespace autotune;

@@ -9,6 +9,7 @@
 #include "autotune/lstm_workload.h"
 #include "autotune/memory.h"
 #include "autotune/tuner.h"
+#include "memory/cpu_allocator.h"
 #include "test_support.h"
 
 namespace tu = autotune::testing;

@@ -5,7 +5,6 @@
 #include <spdlog/spdlog.h>
 
 #include "autotune/memory.h"
-#include "autotune/reporter.h"
 #include "autotune/size.h"
 
 namespace autotune {
@@ -16,8 +15,8 @@ namespace {
 constexpr double kSlackFraction = 0.01;
 // What a step grows outside the counting allocator, on CPU: the free heap glibc keeps mapped
 // below its trim threshold, and under autocast oneDNN's reorder and scratch buffers for
-// low-precision matmuls (measured 7.6-9.8 MiB over gpt-mini and gpt-10m bf16 at micro-batch
-// 2-32, above the warm-up step's baseline; docs/ESTIMATOR.md).
+// low-precision matmuls (measured above the warm-up step's baseline over the bf16 GPT plans of
+// docs/ESTIMATOR.md).
 constexpr double kHeapKeptBytes = 1.3 * 1048576;
 constexpr double kLowPrecisionScratchBytes = 8.0 * 1048576;
 }  // namespace
@@ -105,34 +104,6 @@ Estimate estimate_memory(const Workload& workload, const Plan& plan, uint64_t ba
       kHeapKeptBytes + (plan.precision != Precision::fp32 ? kLowPrecisionScratchBytes : 0.0));
   e.peak_bytes = e.tensor_peak_bytes + e.reserve_bytes + e.untracked_bytes + baseline_bytes;
   return e;
-}
-
-void print_estimate(const Estimate& e) {
-  std::vector<std::pair<std::string, std::string>> rows;
-  rows.push_back({"plan", e.plan.describe()});
-  rows.push_back({"parameters", std::to_string(e.n_params)});
-  for (const auto& l : e.lines)
-    rows.push_back({l.name, fmt::format("{:>12}  {:5.1f}%", format_bytes(l.bytes),
-                                        100.0 * static_cast<double>(l.bytes) /
-                                            static_cast<double>(e.tensor_peak_bytes))});
-  rows.push_back(
-      {"tensor peak", format_bytes(e.tensor_peak_bytes) + " (at the " + e.peak_phase + " peak)"});
-  rows.push_back({"allocator reserve",
-                  format_bytes(e.reserve_bytes) + " (reserved above allocated at the peak)"});
-  rows.push_back(
-      {"outside tensors", format_bytes(e.untracked_bytes) + " (heap kept, low-precision scratch)"});
-  rows.push_back({"process baseline", format_bytes(e.baseline_bytes) + " (after a warm-up step)"});
-  if (e.activations_known) {
-    rows.push_back({"peak (budget figure)", format_bytes(e.peak_bytes)});
-  } else {
-    rows.push_back({"activations",
-                    "not known ahead for this model: measured by probing "
-                    "(autotune --budget SIZE probes them)"});
-    rows.push_back({"peak (budget figure)", format_bytes(e.peak_bytes) +
-                                                " + activations (parameters, gradients and "
-                                                "AdamW states above are exact)"});
-  }
-  print_table("estimate", rows);
 }
 
 }  // namespace autotune

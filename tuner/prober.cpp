@@ -8,10 +8,11 @@
 
 #include <spdlog/spdlog.h>
 
-#include "autotune/memory_monitor.h"
 #include "autotune/size.h"
 #include "autotune/trainer.h"
 #include "autotune/tuner.h"
+#include "memory/cpu_allocator.h"
+#include "memory/memory_monitor.h"
 
 namespace autotune {
 

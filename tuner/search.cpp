@@ -98,6 +98,7 @@ class Session {
 
 Plan make_plan(const TunerRequest& r, int64_t mb, Pair pair, int64_t seq_len, int64_t d_model) {
   Plan p;
+  apply_pins(r, p);  // the knobs the search does not choose, as pinned
   p.micro_batch = mb;
   p.grad_accum = r.global_batch / mb;
   p.precision = pair.precision;
@@ -105,7 +106,6 @@ Plan make_plan(const TunerRequest& r, int64_t mb, Pair pair, int64_t seq_len, in
   p.optimizer_shards = pair.shards;
   p.seq_len = seq_len;
   p.d_model = d_model;
-  p.eval_batch = r.eval_batch;
   return p;
 }
 

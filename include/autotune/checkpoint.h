@@ -8,6 +8,7 @@
 
 #include <torch/torch.h>
 
+#include "autotune/errors.h"
 #include "autotune/plan.h"
 
 namespace autotune {
@@ -26,6 +27,11 @@ struct CheckpointMeta {
 };
 
 std::string checkpoint_dir(const std::string& run_dir);
+
+// The lines of a --resume that cannot start: no run directory, or none of its checkpoints is
+// complete. The command line's checks and the trainer's (a library caller's) throw the same.
+UsageError resume_needs_run_dir();
+UsageError no_complete_checkpoint(const std::string& run_dir);
 
 // Throws RuntimeError (the previous checkpoints stay intact) on any failure.
 std::string save_checkpoint(const std::string& run_dir, const CheckpointMeta& meta,

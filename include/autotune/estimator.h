@@ -39,6 +39,4 @@ struct Estimate {
 // `baseline_bytes` is the process's measured non-tensor memory (MemoryMeter::baseline_bytes).
 Estimate estimate_memory(const Workload& workload, const Plan& plan, uint64_t baseline_bytes);
 
-void print_estimate(const Estimate& e);
-
 }  // namespace autotune

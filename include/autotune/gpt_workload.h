@@ -127,8 +127,8 @@ class GptWorkload : public Workload {
   std::unique_ptr<BatchLoader> loader_;
 };
 
-// The registry's entry (src/workload_registry.cpp): a GPT preset or JSON config on a token file;
-// the data path follows the memory mode's policy (read mode, cache cap, prefetch, pinning).
+// The registry's entry (src/models/workload_registry.cpp): a GPT preset or JSON config on a token
+// file; the data path follows the memory mode's policy (read mode, cache cap, prefetch, pinning).
 std::unique_ptr<Workload> make_gpt_workload(const RunSpec& spec, const ModePolicy& policy);
 
 }  // namespace autotune

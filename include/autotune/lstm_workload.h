@@ -51,7 +51,7 @@ class LstmWorkload : public Workload {
   torch::Tensor mixing_;  // [outputs, channels] fixed by the seed
 };
 
-// The registry's entries (src/workload_registry.cpp): an lstm-* preset name (not a file).
+// The registry's entries (src/models/workload_registry.cpp): an lstm-* preset name (not a file).
 bool is_lstm_model(const std::string& model);
 std::unique_ptr<Workload> make_lstm_workload(const RunSpec& spec, const ModePolicy& policy);
 

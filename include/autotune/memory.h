@@ -8,11 +8,9 @@
 
 #include <torch/torch.h>
 
-#include "autotune/cpu_allocator.h"
-
 namespace autotune {
 
-// The CPU counting allocator (cpu_alloc::, include/autotune/cpu_allocator.h) is installed by
+// The CPU counting allocator (cpu_alloc::, src/memory/cpu_allocator.h) is installed by
 // MemoryMeter and kept for the life of the process.
 
 // ---- process and system readers (Linux /proc and cgroup files) ---------------------------------

@@ -17,7 +17,10 @@ std::string to_string(Mode m);
 // The inverse of to_string; nullopt for anything else (callers name their flag or field).
 std::optional<Mode> parse_mode(const std::string& s);
 
-struct RunSpec {
+inline constexpr int64_t kDefaultGlobalBatch = 32;  // sequences per optimizer step
+
+// Its pins (micro_batch, precision, ...: the knobs of kKnobs, plan.h) come from Pins.
+struct RunSpec : Pins {
   std::string command = "run";     // run | probe | train | estimate | trial
   std::string command_line;        // as typed, for "run it again" hints
   std::vector<std::string> flags;  // as typed after the command: a trial process gets the same
@@ -28,14 +31,8 @@ struct RunSpec {
   std::string device = "auto";          // auto | cpu | cuda[:N] | any accelerator LibTorch knows
   std::string budget_text;              // as given ("10G"); empty: no budget
   std::string host_budget_text;         // --host-budget (accelerator runs); empty: derived
-  std::optional<int64_t> global_batch;  // sequences per optimizer step (default 32)
+  std::optional<int64_t> global_batch;  // sequences per optimizer step (kDefaultGlobalBatch)
   std::optional<int64_t> batch_tokens;  // alternative to global_batch, in tokens
-
-  // Pins: knobs the user fixed; the tuner keeps them.
-  std::optional<int64_t> micro_batch, grad_accum, seq_len, d_model, eval_batch;
-  std::optional<Precision> precision;
-  std::optional<bool> checkpointing;
-  std::optional<bool> shard_optimizer;  // ZeRO-1 over the ranks (--shard-optimizer on | off)
 
   int64_t steps = 200;
   uint64_t seed = 1337;
@@ -71,7 +68,8 @@ struct RunSpec {
 };
 
 // The global batch in sequences: --global-batch, or --batch-tokens / seq_len, or
-// --micro-batch x --grad-accum, or 32. Throws UsageError when --batch-tokens does not divide.
+// --micro-batch x --grad-accum, or kDefaultGlobalBatch. Throws UsageError when --batch-tokens does
+// not divide.
 int64_t resolve_global_batch(const RunSpec& spec, int64_t seq_len);
 
 // Data parallel: each of `ranks` trains an equal share of the global batch. Throws UsageError
@@ -83,6 +81,12 @@ void check_splits_over_ranks(int64_t global_batch, int64_t ranks);
 // share, and --shard-optimizer on has ranks to split over. Throws UsageError naming the fix. The
 // plan's micro_batch x grad_accum is one rank's share of it.
 int64_t checked_global_batch(const RunSpec& spec, int64_t seq_len, int world);
+
+// The batch split of a plan: --micro-batch or --grad-accum (`flag`, `value`) must divide the
+// global batch (`batch`, one rank's share), which `batch_text` names ("--global-batch 64"). Throws
+// UsageError naming the fix.
+void check_divides_batch(const std::string& flag, int64_t value, int64_t batch,
+                         const std::string& batch_text);
 
 // Resolves "auto"/"cpu"/"cuda:1"; throws UsageError when the device is not there.
 torch::Device resolve_device(const std::string& name);

@@ -85,7 +85,7 @@ class TorchScriptWorkload : public Workload {
   std::vector<std::string> batch_keys_;  // what forward reads, when the module declares it
 };
 
-// The registry's entries (src/workload_registry.cpp).
+// The registry's entries (src/models/workload_registry.cpp).
 bool is_torchscript_model(const std::string& model);
 std::unique_ptr<Workload> make_torchscript_workload(const RunSpec& spec, const ModePolicy& policy);
 

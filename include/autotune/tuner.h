@@ -75,7 +75,8 @@ struct ProbeOptions {
   torch::Device device = torch::kCPU;
   // A trial still running when it has taken longer than its tokens need at this rate is stopped
   // (too_slow): it cannot win, so its remaining minutes are not spent (0: never). The search sets
-  // it to half the best fitting plan's tokens/s; bf16 matmuls without AVX-512/AMX run ~70x slower.
+  // it to half the best fitting plan's tokens/s: bf16 matmuls on a CPU without AVX512-BF16/AMX run
+  // far slower than fp32 (docs/BENCHMARKS.md).
   double stop_below_tokens_per_s = 0;
   // Data parallel: the trial runs on every rank together, its gradients all-reduced, so the
   // verified peak holds the all-reduce's buffers too (null: this process alone).
@@ -106,19 +107,16 @@ Trial run_trial(Workload& workload, const Plan& plan, const ProbeOptions& opt, M
 Trial verify_plan(Workload& workload, const Plan& plan, const ProbeOptions& opt,
                   MemoryMeter& meter);
 
-struct TunerRequest {
+// Its pins (Pins, plan.h) are the knobs the search keeps; those it does not search go into every
+// plan as they are.
+struct TunerRequest : Pins {
   int64_t global_batch = 32;
   uint64_t budget_bytes = 0;
   uint64_t usable_bytes = 0;     // budget - margin
   std::string search = "model";  // model | power | halve
-  // Pins (nullopt: free)
-  std::optional<int64_t> micro_batch, seq_len, d_model;
-  std::optional<Precision> precision;
-  std::optional<bool> checkpointing;
   // Data parallel: the ranks the plan is for. ZeRO-1 (Plan::optimizer_shards = world_size) is
   // searched when a plan without it was refused for memory; `shard_optimizer` pins it.
   int64_t world_size = 1;
-  std::optional<bool> shard_optimizer;
   bool allow_shrink_seq = false, allow_shrink_width = false;
   bool start_small = false;                   // ultra-low-mem: start from the smallest micro-batch
   int64_t max_micro_batch = 0;                // a preset's bound (0: none)
@@ -126,7 +124,6 @@ struct TunerRequest {
   // The device's fast low precision (low_precision_for): bf16, or fp16 with loss scaling on GPUs
   // before compute capability 8.0.
   Precision low_precision = Precision::bf16;
-  int64_t eval_batch = 0;
   // A low precision is probed only where it can be faster: its matmul runs at least this
   // fraction of fp32's speed on the device (TrialRunner::precision_speed), or no fp32 plan fits
   // (slow beats nothing), or fp32 is not a candidate (pinned or a preset). 0: always probe.

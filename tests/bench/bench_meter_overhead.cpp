@@ -35,6 +35,7 @@
 #include <torch/torch.h>
 
 #include "autotune/memory.h"
+#include "memory/cpu_allocator.h"
 
 namespace {
 
