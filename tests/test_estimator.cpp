@@ -13,8 +13,8 @@
 #include "autotune/memory.h"
 #include "autotune/trainer.h"
 #include "memory/cpu_allocator.h"
-#include "memory/memory_monitor.h"
 #include "test_support.h"
+#include "train/memory_monitor.h"
 
 namespace tu = autotune::testing;
 using namespace autotune;

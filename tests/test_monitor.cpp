@@ -12,8 +12,8 @@
 #include "autotune/gpt_workload.h"
 #include "autotune/memory.h"
 #include "autotune/trainer.h"
-#include "memory/memory_monitor.h"
 #include "test_support.h"
+#include "train/memory_monitor.h"
 #include "util/jsonl_log.h"
 
 namespace tu = autotune::testing;

@@ -12,7 +12,7 @@
 #include "autotune/trainer.h"
 #include "autotune/tuner.h"
 #include "memory/cpu_allocator.h"
-#include "memory/memory_monitor.h"
+#include "train/memory_monitor.h"
 
 namespace autotune {
 

@@ -16,7 +16,7 @@
 #include "autotune/run_spec.h"
 #include "autotune/trainer.h"
 #include "autotune/workload.h"
-#include "memory/memory_monitor.h"
+#include "train/memory_monitor.h"
 
 namespace autotune {
 

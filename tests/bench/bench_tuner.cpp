@@ -26,10 +26,10 @@
 #include "autotune/gpt_workload.h"
 #include "autotune/lstm_workload.h"
 #include "autotune/memory.h"
-#include "memory/memory_monitor.h"
 #include "autotune/trainer.h"
 #include "autotune/tuner.h"
 #include "memory/cpu_allocator.h"
+#include "train/memory_monitor.h"
 
 using namespace autotune;
 

@@ -16,9 +16,9 @@
 #include "autotune/size.h"
 #include "autotune/token_file.h"
 #include "autotune/trainer.h"
-#include "memory/memory_monitor.h"
 #include "run/reporter.h"
 #include "run/run_context.h"
+#include "train/memory_monitor.h"
 
 namespace autotune {
 

@@ -1,4 +1,4 @@
-#include "memory/memory_monitor.h"
+#include "train/memory_monitor.h"
 
 #include <spdlog/spdlog.h>
 
