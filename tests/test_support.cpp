@@ -89,11 +89,14 @@ ProcessResult run(const std::string& program, const std::vector<std::string>& ar
 }  // namespace
 
 std::vector<std::string> on_cpu(const std::vector<std::string>& args) {
-  const bool named = std::find(args.begin(), args.end(), "--device") != args.end();
+  // Script mode: what follows `--` is the user's command, not autotune's flags.
+  const auto ours_end = std::find(args.begin(), args.end(), "--");
+  const bool named = std::find(args.begin(), ours_end, "--device") != ours_end;
   const bool training = args.empty() || args[0].rfind("--", 0) == 0 || args[0] == "run" ||
                         args[0] == "probe" || args[0] == "train" || args[0] == "estimate";
-  std::vector<std::string> out = args;
+  std::vector<std::string> out(args.begin(), ours_end);
   if (training && !named) out.insert(out.end(), {"--device", "cpu"});
+  out.insert(out.end(), ours_end, args.end());
   return out;
 }
 

@@ -380,6 +380,7 @@ class Tuner {
   // plan fits; where fp32 is not a candidate, the user (or a preset) asked for it.
   void choose_candidates() {
     precisions_ = {Precision::fp32, r_.low_precision};
+    if (!knobs_.precision) precisions_ = {Precision::fp32};  // a model that applies none
     if (!r_.allowed_precisions.empty()) precisions_ = r_.allowed_precisions;
     if (r_.precision) precisions_ = {*r_.precision};
     ckpts_ = {false};

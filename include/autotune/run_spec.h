@@ -24,6 +24,8 @@ struct RunSpec : Pins {
   std::string command = "run";     // run | probe | train | estimate | trial
   std::string command_line;        // as typed, for "run it again" hints
   std::vector<std::string> flags;  // as typed after the command: a trial process gets the same
+  // Script mode: the user's training command after `--` (empty: a built-in workload or --model).
+  std::vector<std::string> script;
   std::string model = "gpt-mini";  // preset name or JSON file
   std::string data;                // token or safetensors file (default: data/corpus.tok)
   bool model_given = false, data_given = false;  // on the command line (train --profile fills them)
@@ -65,6 +67,8 @@ struct RunSpec : Pins {
   // makes this process one rank instead. The budget is per rank.
   int64_t nproc = 1;
   int64_t dist_timeout_s = 60;  // a collective waiting longer for the other ranks fails
+  // Script mode: a command that reports no optimizer step for this long is stopped.
+  int64_t step_timeout_s = 600;
 };
 
 // The global batch in sequences: --global-batch, or --batch-tokens / seq_len, or

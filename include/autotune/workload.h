@@ -68,6 +68,7 @@ struct WorkloadKnobs {
   bool seq_len = false;        // can the sequence length change (only with --allow-shrink seq)
   bool width = false;          // can the model width change (only with --allow-shrink width)
   bool checkpointing = false;  // is activation checkpointing implemented
+  bool precision = true;       // can it train in a low precision (a script may apply none)
 };
 
 // Analytic memory terms of one plan, in bytes, computed by the workload that knows its structure.

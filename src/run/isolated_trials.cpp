@@ -24,6 +24,7 @@
 
 #include "autotune/errors.h"
 #include "autotune/size.h"
+#include "run/child_process.h"
 #include "run/run_context.h"
 
 extern char** environ;
@@ -66,45 +67,6 @@ uint64_t keyed_value(const std::string& path, const std::string& key) {
   while (in >> k >> v)
     if (k == key) return v;
   return 0;
-}
-
-// Resident bytes of a process (0 once it is gone).
-uint64_t rss_of(pid_t pid) {
-  return read_process_memory("/proc/" + std::to_string(pid) + "/status").rss_bytes;
-}
-
-// Everything a memfd holds, from its start.
-std::string drain(int fd) {
-  std::string out;
-  char buf[65536];
-  ::lseek(fd, 0, SEEK_SET);
-  for (;;) {
-    const ssize_t n = ::read(fd, buf, sizeof buf);
-    if (n > 0) {
-      out.append(buf, static_cast<size_t>(n));
-    } else if (n < 0 && errno == EINTR) {
-      continue;
-    } else {
-      break;
-    }
-  }
-  return out;
-}
-
-std::string last_line(const std::string& text) {
-  std::istringstream in(text);
-  std::string line, last;
-  while (std::getline(in, line))
-    if (line.find_first_not_of(" \t\r") != std::string::npos) last = line;
-  return last;
-}
-
-int memfd(const char* name) {
-  const int fd = ::memfd_create(name, MFD_CLOEXEC);
-  if (fd < 0)
-    throw RuntimeError(std::string("cannot create a trial's output file (memfd_create): ") +
-                       std::strerror(errno));
-  return fd;
 }
 
 // The launcher's world stays with this process: a trial is one process alone.
@@ -319,7 +281,8 @@ IsolatedTrials::Outcome IsolatedTrials::spawn(const nlohmann::json& request, boo
   for (auto& e : env) envp.push_back(e.data());
   envp.push_back(nullptr);
 
-  const int answer_fd = memfd("autotune-trial-answer"), log_fd = memfd("autotune-trial-log");
+  const int answer_fd = make_memfd("autotune-trial-answer"),
+            log_fd = make_memfd("autotune-trial-log");
   std::string cgroup;
   if (limit && cgroups_) cgroup = cgroups_->make(opt_.budget_bytes);
   const std::string procs = cgroup.empty() ? std::string() : cgroups_->procs_file(cgroup);
@@ -339,7 +302,7 @@ IsolatedTrials::Outcome IsolatedTrials::spawn(const nlohmann::json& request, boo
 
   Outcome o;
   const Reaped r = reap(pid, t0, opt_.stop_signal, opt_.timeout);
-  const std::string answer = drain(answer_fd), log = drain(log_fd);
+  const std::string answer = drain_memfd(answer_fd), log = drain_memfd(log_fd);
   ::close(answer_fd);
   ::close(log_fd);
   if (!cgroup.empty()) {

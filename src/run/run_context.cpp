@@ -11,6 +11,7 @@
 #include "autotune/checkpoint.h"
 #include "autotune/errors.h"
 #include "autotune/preset.h"
+#include "autotune/script_mode.h"
 #include "autotune/size.h"
 #include "autotune/tuner.h"
 #include "autotune/workload_registry.h"
@@ -102,7 +103,9 @@ RunContext::RunContext(const RunSpec& spec) : spec_(spec), device_(resolve_devic
   policy_.pin_memory = !device_.is_cpu();
   if (spec_.verbose) policy_.monitor_every_steps = std::max<int64_t>(1, spec_.log_every);
   if (spec_.quiet) policy_.monitor_every_steps = 0;
-  workload_ = make_workload(spec_, policy_);
+  // Script mode: the command is the workload; what it honours is asked before the search.
+  workload_ = spec_.script.empty() ? make_workload(spec_, policy_)
+                                   : std::make_unique<ScriptWorkload>(spec_.script, ScriptInfo{});
   if (spec_.resume) {
     bool complete = false;
     const std::vector<std::string> files = list_checkpoints(spec_.run_dir);

@@ -90,7 +90,11 @@ void add_common(cxxopts::Options& o) {
       text())("dist-timeout",
               "seconds a collective waits for the other ranks before the run stops; default " +
                   n(d.dist_timeout_s),
-              text())("quiet", "warnings, errors and the final summary only")(
+              text())("step-timeout",
+                      "script mode: seconds the command may run without reporting an "
+                      "optimizer step (autotune.step) before it is stopped; default " +
+                          n(d.step_timeout_s),
+                      text())("quiet", "warnings, errors and the final summary only")(
       "verbose", "also debug lines, and the memory line at every log line")("h,help", "show help");
   auto plan = o.add_options("plan");
   for_each_knob([&](const auto& k) { plan(k.flag, k.help, text()); });
@@ -171,6 +175,22 @@ int64_t positive(const char* flag, int64_t v) {
   return v;
 }
 
+// Script mode tunes the command's own model on its own data: the flags of a built-in workload,
+// and the ones autotune does not carry to a command yet, are refused by name.
+void check_script_flags(const RunSpec& s, const cxxopts::ParseResult& r) {
+  if (s.command != "run" && s.command != "probe")
+    throw UsageError("a command after -- works with autotune run and probe, not " + s.command);
+  for (const char* flag : {"model", "data", "val-data", "batch-tokens", "seq-len", "d-model",
+                           "allow-shrink", "resume", "run-dir", "checkpoint-every", "eval-every",
+                           "eval-sequences", "shard-optimizer", "eval-batch", "steps", "lr"})
+    if (r.count(flag))
+      throw UsageError(std::string("--") + flag +
+                       " is the command's own business in script mode; drop it (the command "
+                       "after -- sets it itself)");
+  if (s.nproc > 1)
+    throw UsageError("--nproc with a command after -- is not supported yet; run one process");
+}
+
 // A pin's value from its flag's text: a count is a positive integer, a switch on or off.
 void read_pin(const char* flag, const std::string& text, int64_t& v) {
   v = positive(flag, convert<int64_t>(flag, text));
@@ -184,9 +204,11 @@ void read_pin(const char* flag, const std::string& text, Precision& v) {
   v = parse_precision(text);
 }
 
-RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r) {
+RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r,
+                  std::vector<std::string> script) {
   RunSpec s;
   s.command = command;
+  s.script = std::move(script);
   take(r, "model", s.model);
   take(r, "data", s.data);
   s.model_given = r.count("model") > 0;
@@ -227,6 +249,7 @@ RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r) {
   s.json = r.count("json") > 0;
   take(r, "nproc", s.nproc);
   take(r, "dist-timeout", s.dist_timeout_s);
+  take(r, "step-timeout", s.step_timeout_s);
   for_each_knob([&](const auto& k) {
     if (r.count(k.flag))
       read_pin(k.flag, r[k.flag].template as<std::string>(), (s.*k.pin).emplace());
@@ -262,6 +285,9 @@ RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r) {
   if (s.batch_tokens) positive("batch-tokens", *s.batch_tokens);
   positive("nproc", s.nproc);
   positive("dist-timeout", s.dist_timeout_s);
+  positive("step-timeout", s.step_timeout_s);
+  if (r.count("step-timeout") && s.script.empty())
+    throw UsageError("--step-timeout is for a command after --; drop it");
   if (s.nproc > 1 && command != "run" && command != "probe" && command != "train")
     throw UsageError("--nproc works with autotune run, probe and train; drop it from " + command);
   if (s.shard_optimizer && command != "run" && command != "probe" && command != "trial" &&
@@ -276,6 +302,7 @@ RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r) {
   if (s.global_batch && s.batch_tokens)
     throw UsageError("give --global-batch or --batch-tokens, not both");
   if (s.resume && s.run_dir.empty()) throw resume_needs_run_dir();
+  if (!s.script.empty()) check_script_flags(s, r);
   if (s.budget_text.empty() && (command == "run" || command == "probe"))
     throw UsageError("autotune " + command + " needs --budget SIZE, e.g. --budget 8G");
   if (!s.budget_text.empty()) parse_size(s.budget_text, uint64_t{1} << 40);  // syntax check
@@ -310,9 +337,20 @@ int dispatch(int argc, char** argv) {
   cxxopts::Options options("autotune " + command, kUsage);
   add_common(options);
   std::vector<char*> args = {argv[0]};
+  // Script mode: everything after `--` is the user's command, not ours to parse.
+  int end = argc;
+  std::vector<std::string> script;
+  for (int i = first; i < argc; ++i)
+    if (std::strcmp(argv[i], "--") == 0) {
+      end = i;
+      script.assign(argv + i + 1, argv + argc);
+      break;
+    }
+  if (end != argc && script.empty())
+    throw UsageError("nothing after --: give the training command, e.g. -- python train.py");
   // cxxopts takes an optional value only as --resume=auto; `--resume auto` is what people type.
   static char resume_auto[] = "--resume=auto";
-  for (int i = first; i < argc; ++i) {
+  for (int i = first; i < end; ++i) {
     if (std::strcmp(argv[i], "--resume") == 0 && i + 1 < argc &&
         std::strcmp(argv[i + 1], "auto") == 0) {
       args.push_back(resume_auto);
@@ -351,7 +389,7 @@ int dispatch(int argc, char** argv) {
     std::cout << options.help() << std::endl;
     return kExitOk;
   }
-  RunSpec spec = spec_from(command, result);
+  RunSpec spec = spec_from(command, result, script);
   spec.command_line = "autotune";
   for (int i = 1; i < argc; ++i) spec.command_line += std::string(" ") + argv[i];
   // A rank started by --nproc says the launcher's command in its "run again" hint.

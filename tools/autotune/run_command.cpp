@@ -13,6 +13,7 @@
 #include "autotune/isolated_trials.h"
 #include "autotune/machine.h"
 #include "autotune/profile.h"
+#include "autotune/script_mode.h"
 #include "autotune/size.h"
 #include "autotune/tuner.h"
 #include "commands.h"
@@ -144,8 +145,14 @@ std::optional<Profile> reusable_profile(RunContext& ctx, const ProfileStore& sto
 }
 
 // One line per trial: on a terminal a live line while it runs, then its outcome.
+// "tok/s" for a language model, "samples/s" where the unit is the sample.
+std::string rate_unit(const Workload& w) {
+  return w.throughput_unit() == "tokens" ? "tok/s" : w.throughput_unit() + "/s";
+}
+
 TrialProgress console_progress(const RunContext& ctx) {
   TrialProgress p;
+  const std::string rate = rate_unit(ctx.workload());
   const bool quiet = ctx.spec().quiet;
   const uint64_t budget = *ctx.budget_bytes();
   p.started = [quiet](const Plan& plan, int i, int at_most) {
@@ -154,13 +161,13 @@ TrialProgress console_progress(const RunContext& ctx) {
                                   i <= at_most ? " of at most " + std::to_string(at_most) : "",
                                   plan.describe()));
   };
-  p.finished = [quiet, budget](const Trial& t, int i, int at_most) {
+  p.finished = [quiet, budget, rate](const Trial& t, int i, int at_most) {
     live_line::clear();
     if (quiet) return;
-    spdlog::info("trial {:>2}{} {:<48} {:>4}  peak {:>11} of {}  {:>8.0f} tok/s  {:.1f}s", i,
+    spdlog::info("trial {:>2}{} {:<48} {:>4}  peak {:>11} of {}  {:>8.0f} {}  {:.1f}s", i,
                  i <= at_most ? "/" + std::to_string(at_most) : "", t.plan.describe(),
                  outcome(t, "fits"), t.peak_bytes ? format_bytes(t.peak_bytes) : "-",
-                 format_bytes(budget), t.tokens_per_s, t.wall_s);
+                 format_bytes(budget), t.tokens_per_s, rate, t.wall_s);
   };
   return p;
 }
@@ -265,7 +272,8 @@ void print_what_next(const RunContext& ctx, const Profile& profile, const std::s
       if (!t.fits)
         over.push_back(mb + (t.peak_bytes ? " (" + format_bytes(t.peak_bytes) + ")" : " (OOM)"));
       else
-        slower.push_back(mb + fmt::format(" ({:.0f} tok/s)", t.tokens_per_s));
+        slower.push_back(mb +
+                         fmt::format(" ({:.0f} {})", t.tokens_per_s, rate_unit(ctx.workload())));
     }
     auto join = [](const std::vector<std::string>& v) {
       std::string s;
@@ -277,7 +285,8 @@ void print_what_next(const RunContext& ctx, const Profile& profile, const std::s
       if (t.plan == profile.plan) chosen_tps = t.tokens_per_s;
     rows.push_back(
         {"chosen", profile.plan.describe() +
-                       (chosen_tps > 0 ? fmt::format(" ({:.0f} tok/s in its trial)", chosen_tps)
+                       (chosen_tps > 0 ? fmt::format(" ({:.0f} {} in its trial)", chosen_tps,
+                                                     rate_unit(ctx.workload()))
                                        : std::string(" (set by an OOM recovery in the run)"))});
     rows.push_back({"did not fit", join(over)});
     rows.push_back({"fitted, slower", join(slower)});
@@ -289,7 +298,13 @@ void print_what_next(const RunContext& ctx, const Profile& profile, const std::s
   rows.push_back({"profile", path});
   rows.push_back(
       {"next: run again", ctx.spec().command_line + "   (reuses the profile: 0 trials)"});
-  rows.push_back({"next: train it", "autotune train --profile " + path + " [--steps N]"});
+  if (ctx.spec().script.empty()) {
+    rows.push_back({"next: train it", "autotune train --profile " + path + " [--steps N]"});
+  } else {
+    std::string command;
+    for (const auto& a : ctx.spec().script) command += " " + a;
+    rows.push_back({"next: run it alone", "AUTOTUNE_PROFILE=" + path + command});
+  }
   rows.push_back(
       {"next: draw it",
        "autotune report " + path +
@@ -377,8 +392,99 @@ IsolatedTrialsOptions isolated_trials_options(RunContext& ctx) {
 
 }  // namespace
 
+namespace {
+
+ScriptOptions script_options(const RunContext& ctx) {
+  ScriptOptions o;
+  o.command = ctx.spec().script;
+  o.budget_bytes = *ctx.budget_bytes();
+  o.stop_signal = &RunContext::stop_signal();
+  o.device = ctx.device();
+  o.step_timeout = std::chrono::seconds(ctx.spec().step_timeout_s);
+  o.output_to_stderr = ctx.spec().json;
+  return o;
+}
+
+// `autotune [run|probe] ... -- COMMAND`: the same reuse-or-probe as tune_command, with the
+// command's runs as the trials; `run` then runs the command to its end with the plan.
+int script_command(RunContext& ctx) {
+  const RunSpec& spec = ctx.spec();
+  ScriptTrials trials(script_options(ctx));
+  spdlog::info("trials: {}", trials.containment());
+  const ScriptInfo info = trials.describe();
+  auto& workload = dynamic_cast<ScriptWorkload&>(ctx.workload());
+  workload.set_info(info);
+  std::string declared = info.knobs.empty() ? "" : " " + info.knobs.dump();
+  spdlog::info(
+      "{} reads its plan (started in {:.1f}s); it applies precision: {}, checkpointing: "
+      "{}; other knobs:{}",
+      trials.command_line(), info.start_s, info.applies_precision ? "yes" : "no",
+      info.applies_checkpointing ? "yes" : "no", declared.empty() ? " none" : declared);
+  const int64_t global_batch =
+      spec.global_batch.value_or(info.defaults.value("global_batch", kDefaultGlobalBatch));
+  if (spec.micro_batch)
+    check_divides_batch("micro-batch", *spec.micro_batch, global_batch,
+                        "--global-batch " + std::to_string(global_batch));
+  const ProfileStore store = open_store(spec);
+  const Fingerprint fp = make_fingerprint(ctx, global_batch);
+  const std::string path = spec.profile_file.empty() ? store.path_for(fp) : spec.profile_file;
+  ProbeOptions probe;
+  probe.usable_bytes = *ctx.usable_bytes();
+  probe.seed = spec.seed;
+  probe.device = ctx.device();
+  uint64_t verified_peak = 0;
+  std::optional<Profile> profile =
+      reusable_profile(ctx, store, path, fp, probe, trials, &verified_peak);
+  const bool reused = profile.has_value();
+  if (!profile) {
+    Probed probed = probe_and_choose(ctx, store, path, fp, probe, trials);
+    profile = std::move(probed.profile);
+    verified_peak = probed.chosen_peak_bytes;
+  }
+  nlohmann::json j = {
+      {"plan", profile->plan},
+      {"budget_bytes", *ctx.budget_bytes()},
+      {"trials", reused ? nlohmann::json::array() : nlohmann::json(profile->trials)},
+      {"profile", path},
+      {"reused_profile", reused},
+      {"verified_peak_bytes", verified_peak},
+      {"trial_processes", trials.processes()},
+      {"script", {{"command", spec.script}, {"start_s", info.start_s}, {"declared", info.knobs}}}};
+  if (spec.command == "probe") {
+    print_what_next(ctx, *profile, path, std::nullopt, reused);
+    if (spec.json) std::cout << j.dump(2) << std::endl;
+    return kExitOk;
+  }
+  spdlog::info("running {} with {}", trials.command_line(), profile->plan.describe());
+  const ScriptRun run = trials.train(profile->plan);
+  double wall_s = 0;
+  double samples = 0;
+  for (size_t i = 1; i < run.steps.size(); ++i) samples += run.steps[i].value("samples", 0.0);
+  if (run.steps.size() > 1)
+    wall_s = run.steps.back().value("time", 0.0) - run.steps.front().value("time", 0.0);
+  profile->full_run_peak_bytes = run.peak_bytes;
+  profile->full_run_at = now_iso8601();
+  save_profile(store, *profile, path, spec.require_profile_save);
+  if (run.peak_bytes > *ctx.budget_bytes())
+    spdlog::warn("full run peak {} is ABOVE THE BUDGET {}", format_bytes(run.peak_bytes),
+                 format_bytes(*ctx.budget_bytes()));
+  print_what_next(ctx, *profile, path, run.peak_bytes, reused);
+  if (spec.json) {
+    j["steps"] = run.steps.size();
+    j["peak_bytes"] = run.peak_bytes;
+    j["within_budget"] = run.peak_bytes <= *ctx.budget_bytes();
+    j["samples_per_s"] = wall_s > 0 ? samples / wall_s : 0.0;
+    j["wall_s"] = run.process_s;
+    std::cout << j.dump(2) << std::endl;
+  }
+  return kExitOk;
+}
+
+}  // namespace
+
 int tune_command(const RunSpec& spec_in) {
   RunContext ctx(spec_in);
+  if (!ctx.spec().script.empty()) return script_command(ctx);
   const RunSpec& spec = ctx.spec();
   const int64_t global_batch = checked_global_batch(
       spec, spec.seq_len.value_or(ctx.workload().default_seq_len()), ctx.world_size());

@@ -1,0 +1,94 @@
+#include "run/child_process.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "autotune/errors.h"
+#include "autotune/memory.h"
+
+namespace autotune {
+
+int make_memfd(const char* name) {
+  const int fd = ::memfd_create(name, MFD_CLOEXEC);
+  if (fd < 0)
+    throw RuntimeError(std::string("cannot create a child's output file (memfd_create): ") +
+                       std::strerror(errno));
+  return fd;
+}
+
+std::string drain_memfd(int fd) {
+  std::string out;
+  char buf[65536];
+  ::lseek(fd, 0, SEEK_SET);
+  for (;;) {
+    const ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n > 0) {
+      out.append(buf, static_cast<size_t>(n));
+    } else if (n < 0 && errno == EINTR) {
+      continue;
+    } else {
+      break;
+    }
+  }
+  return out;
+}
+
+std::string last_line(const std::string& text) {
+  std::istringstream in(text);
+  std::string line, last;
+  while (std::getline(in, line))
+    if (line.find_first_not_of(" \t\r") != std::string::npos) last = line;
+  return last;
+}
+
+uint64_t rss_of(pid_t pid) {
+  return read_process_memory("/proc/" + std::to_string(pid) + "/status").rss_bytes;
+}
+
+namespace {
+// Field 5 of /proc/<pid>/stat (after the parenthesised name, which may hold spaces).
+pid_t process_group_of(const std::string& pid) {
+  std::ifstream f("/proc/" + pid + "/stat");
+  std::string s((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const auto close = s.rfind(')');
+  if (close == std::string::npos) return -1;
+  std::istringstream rest(s.substr(close + 2));
+  std::string state;
+  pid_t ppid = 0, pgrp = -1;
+  rest >> state >> ppid >> pgrp;
+  return pgrp;
+}
+
+uint64_t pss_of(const std::string& pid) {
+  std::ifstream f("/proc/" + pid + "/smaps_rollup");
+  std::string key;
+  uint64_t kib = 0;
+  while (f >> key) {
+    if (key == "Pss:") {
+      f >> kib;
+      return kib * 1024;
+    }
+    f.ignore(1 << 20, '\n');
+  }
+  return 0;
+}
+}  // namespace
+
+uint64_t group_pss_bytes(pid_t pgid) {
+  uint64_t total = 0;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/proc", ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+    if (process_group_of(name) == pgid) total += pss_of(name);
+  }
+  return total;
+}
+
+}  // namespace autotune

@@ -1,0 +1,29 @@
+// What the parent of a child process needs from it: its output captured in a memfd, the last line
+// of that output, and its memory as /proc shows it. Shared by the isolated trials (this binary as
+// the child) and script mode (the user's command as the child).
+#pragma once
+#include <sys/types.h>
+
+#include <cstdint>
+#include <string>
+
+namespace autotune {
+
+// An anonymous in-memory file (close-on-exec) for a child's output; throws RuntimeError.
+int make_memfd(const char* name);
+
+// Everything a memfd holds, from its start. Only once its writers are gone: it moves the offset
+// they share.
+std::string drain_memfd(int fd);
+
+// The last line of `text` that is not blank ("" when there is none).
+std::string last_line(const std::string& text);
+
+// Resident bytes of a process (0 once it is gone).
+uint64_t rss_of(pid_t pid);
+
+// Proportional set size of every process in process group `pgid`: what the group holds, each
+// shared page counted once (forked workers share their parent's pages). 0 once it is gone.
+uint64_t group_pss_bytes(pid_t pgid);
+
+}  // namespace autotune

@@ -1,0 +1,186 @@
+// Script mode: `autotune [run|probe] --budget SIZE -- COMMAND` tunes a user's own Python training
+// script through python/autotune. Real binary, real Python processes, real cgroups where the
+// machine has them.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "test_support.h"
+
+namespace tu = autotune::testing;
+
+namespace {
+
+const std::string kExample =
+    std::string(AUTOTUNE_SOURCE_DIR) + "/examples/scripts/lstm_regressor.py";
+const std::string kHfExample =
+    std::string(AUTOTUNE_SOURCE_DIR) + "/examples/scripts/hf_classifier.py";
+
+std::vector<std::string> join(std::vector<std::string> a, const std::vector<std::string>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+nlohmann::json parse_json(const tu::ProcessResult& r) {
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  if (r.exit_code != 0 || r.out.empty()) return nlohmann::json::object();
+  return nlohmann::json::parse(r.out);
+}
+
+// A small Python script in a temp dir; `body` runs after `import autotune`.
+std::string script(const std::string& dir, const std::string& name, const std::string& body) {
+  const std::string path = dir + "/" + name;
+  tu::write_file(path, "import autotune\n" + body);
+  return path;
+}
+
+}  // namespace
+
+// The command's full-batch fp32 peak is measured first (one pinned trial, no limit that binds);
+// the budget is set below it. The run must take at least two trials, keep the global batch,
+// write the profile, train within the budget, and the rerun must reuse the profile with 0 trials.
+static void tuned_at_a_binding_budget(const std::string& name,
+                                      const std::vector<std::string>& command,
+                                      int64_t global_batch) {
+  const std::string store = tu::temp_dir("script-" + name);
+  const std::string batch = std::to_string(global_batch);
+  const nlohmann::json full = parse_json(tu::run_autotune(join(
+      {"probe", "--budget", "8G", "--global-batch", batch, "--micro-batch", batch, "--precision",
+       "fp32", "--checkpointing", "off", "--profile-dir", store + "/full", "--json", "--"},
+      command)));
+  ASSERT_FALSE(full.empty());
+  ASSERT_EQ(full["plan"]["micro_batch"], global_batch) << full.dump();
+  const uint64_t full_peak = full["verified_peak_bytes"].get<uint64_t>();
+  ASSERT_GT(full_peak, 0u);
+  const uint64_t budget = full_peak * 85 / 100;
+  const std::vector<std::string> run =
+      join({"run", "--budget", std::to_string(budget), "--global-batch", batch, "--profile-dir",
+            store + "/tuned", "--json", "--"},
+           command);
+  const tu::ProcessResult first = tu::run_autotune(run);
+  const nlohmann::json a = parse_json(first);
+  ASSERT_FALSE(a.empty()) << first.err;
+  EXPECT_GE(a["trials"].size(), 2u);
+  const auto plan = a["plan"];
+  EXPECT_EQ(plan["micro_batch"].get<int64_t>() * plan["grad_accum"].get<int64_t>(), global_batch);
+  EXPECT_NE(plan, full["plan"]) << "the budget binds: the script's own plan does not fit";
+  EXPECT_LE(a["peak_bytes"].get<uint64_t>(), budget) << "the full run passed the budget";
+  EXPECT_GT(a["samples_per_s"].get<double>(), 0);
+  EXPECT_TRUE(std::filesystem::exists(a["profile"].get<std::string>()));
+
+  const nlohmann::json b = parse_json(tu::run_autotune(run));
+  EXPECT_TRUE(b.value("reused_profile", false));
+  EXPECT_EQ(b["trials"].size(), 0u);
+  EXPECT_EQ(b["plan"], plan);
+  EXPECT_LE(b["peak_bytes"].get<uint64_t>(), budget);
+}
+
+TEST(ScriptMode, ThePlainPyTorchExampleIsTunedAtABindingBudgetAndReused) {
+  tuned_at_a_binding_budget(
+      "lstm", {AUTOTUNE_PYTHON, kExample, "--seq-len", "200", "--hidden", "128", "--steps", "6"},
+      64);
+}
+
+TEST(ScriptMode, TheHuggingFaceTrainerExampleIsTunedAtABindingBudgetAndReused) {
+  tuned_at_a_binding_budget(
+      "hf",
+      {AUTOTUNE_PYTHON, kHfExample, "--seq-len", "128", "--layers", "2", "--hidden", "128",
+       "--steps", "4", "--output-dir", tu::temp_dir("hf-out")},
+      16);
+}
+
+// A trial whose memory grows past the budget is killed in its cgroup and refused with its
+// reason; the search goes on to a plan that fits. The script holds 3 MiB x micro_batch^2,
+// touched: growth a line through the small micro-batches underestimates, as attention's does.
+TEST(ScriptMode, ATrialKilledInItsCgroupIsRefusedAndTheSearchGoesOn) {
+  std::string why;
+  if (!tu::MemoryCgroup::make(1 << 30, &why)) GTEST_SKIP() << "no memory cgroup here: " << why;
+  const std::string dir = tu::temp_dir("script-killed");
+  const std::string path = script(dir, "grow.py", R"(
+p = autotune.plan(global_batch=32, micro_batch=32)
+held = bytearray(p.micro_batch * p.micro_batch * 3 * 2**20)
+for i in range(0, len(held), 4096):
+    held[i] = 1
+while True:
+    autotune.step(samples=p.micro_batch * p.grad_accum)
+)");
+  const nlohmann::json j =
+      parse_json(tu::run_autotune({"probe", "--budget", "300M", "--profile-dir", dir + "/p",
+                                   "--json", "--", AUTOTUNE_PYTHON, path}));
+  ASSERT_FALSE(j.empty());
+  bool killed = false;
+  for (const auto& t : j["trials"])
+    if (t.value("killed", false)) {
+      killed = true;
+      EXPECT_NE(t["reason"].get<std::string>().find("Killed at"), std::string::npos);
+    }
+  EXPECT_TRUE(killed) << j["trials"].dump();
+  const auto plan = j["plan"];
+  EXPECT_EQ(plan["micro_batch"].get<int64_t>() * plan["grad_accum"].get<int64_t>(), 32);
+  EXPECT_LE(j["verified_peak_bytes"].get<uint64_t>(), 300ull << 20);
+}
+
+// Each bad script gets one line naming what is wrong, exit 1, and no profile.
+TEST(ScriptMode, BadScriptsGetOneLineAndNoProfile) {
+  const std::string dir = tu::temp_dir("script-bad");
+  struct Case {
+    const char* name;
+    std::string body;
+    std::vector<std::string> flags;
+    const char* says;
+  };
+  const std::vector<Case> cases = {
+      {"fails before plan",
+       "raise SystemExit('cannot open data/train.csv')\n",
+       {},
+       "before calling autotune.plan(): cannot open data/train.csv"},
+      {"fails before its first step",
+       "p = autotune.plan(global_batch=8)\nimport sys\nprint('loading', file=sys.stderr)\n"
+       "sys.exit(3)\n",
+       {},
+       "exited with code 3 before its first autotune.step(): loading"},
+      {"never calls step",
+       "p = autotune.plan(global_batch=8)\nimport time\ntime.sleep(600)\n",
+       {"--step-timeout", "3"},
+       "ran 3 s without calling autotune.step()"},
+      {"ignores the plan",
+       "p = autotune.plan(global_batch=8, micro_batch=8)\nwhile True:\n"
+       "    autotune.step(samples=5)\n",
+       {},
+       "trained 5 samples in optimizer step 1 but its plan is micro_batch x grad_accum"},
+      {"never calls plan", "print('training')\n", {}, "ended without calling autotune.plan()"},
+  };
+  int i = 0;
+  for (const auto& c : cases) {
+    const std::string path = script(dir, "bad" + std::to_string(i++) + ".py", c.body);
+    const std::string store = dir + "/store" + std::to_string(i);
+    const tu::ProcessResult r =
+        tu::run_autotune(join(join({"run", "--budget", "1G", "--profile-dir", store}, c.flags),
+                              {"--", AUTOTUNE_PYTHON, path}));
+    EXPECT_EQ(r.exit_code, 1) << c.name << ": " << r.err;
+    EXPECT_NE(tu::last_line(r.err).find(c.says), std::string::npos)
+        << c.name << ": " << tu::last_line(r.err);
+    EXPECT_FALSE(std::filesystem::exists(store) && !tu::list_dir(store).empty()) << c.name;
+  }
+}
+
+// Flags of the built-in workloads are refused in script mode, by name, with exit 2.
+TEST(ScriptMode, BuiltInWorkloadFlagsAreRefusedByName) {
+  const tu::ProcessResult model = tu::run_autotune(
+      {"run", "--budget", "1G", "--model", "gpt-mini", "--", AUTOTUNE_PYTHON, kExample});
+  EXPECT_EQ(model.exit_code, 2);
+  EXPECT_NE(tu::last_line(model.err).find("--model is the command's own business"),
+            std::string::npos)
+      << model.err;
+  const tu::ProcessResult train = tu::run_autotune({"train", "--", AUTOTUNE_PYTHON, kExample});
+  EXPECT_EQ(train.exit_code, 2);
+  EXPECT_NE(tu::last_line(train.err).find("works with autotune run and probe"), std::string::npos)
+      << train.err;
+  const tu::ProcessResult nothing = tu::run_autotune({"run", "--budget", "1G", "--"});
+  EXPECT_EQ(nothing.exit_code, 2);
+  EXPECT_NE(tu::last_line(nothing.err).find("nothing after --"), std::string::npos) << nothing.err;
+}
