@@ -124,6 +124,43 @@ while True:
   EXPECT_LE(j["verified_peak_bytes"].get<uint64_t>(), 300ull << 20);
 }
 
+// DataLoader workers change no math, so memory lowers them before it lowers the plan: a script
+// whose two workers each hold 120 MiB cannot fit 200 MiB at any micro-batch; with one it can.
+TEST(ScriptMode, MemoryLowersTheDataLoaderWorkersTheScriptDeclared) {
+  std::string why;
+  if (!tu::MemoryCgroup::make(1 << 30, &why)) GTEST_SKIP() << "no memory cgroup here: " << why;
+  const std::string dir = tu::temp_dir("script-workers");
+  const std::string path = script(dir, "workers.py", R"(
+import os, time
+p = autotune.plan(global_batch=8, micro_batch=8, num_workers=2)
+for _ in range(p.num_workers):  # what a DataLoader's workers hold: their own copies
+    if os.fork() == 0:
+        held = bytearray(120 * 2**20)
+        for i in range(0, len(held), 4096):
+            held[i] = 1
+        time.sleep(600)
+        os._exit(0)
+time.sleep(1)
+while True:
+    autotune.step(samples=p.micro_batch * p.grad_accum)
+)");
+  const std::vector<std::string> probe = {"probe",    "--budget", "200M", "--profile-dir",
+                                          dir + "/p", "--json",   "--",   AUTOTUNE_PYTHON,
+                                          path};
+  const tu::ProcessResult r = tu::run_autotune(probe);
+  const nlohmann::json j = parse_json(r);
+  ASSERT_FALSE(j.empty());
+  EXPECT_EQ(j["plan"].value("num_workers", -1), 1) << j["plan"].dump();
+  EXPECT_NE(r.err.find("with 2 DataLoader worker(s): Killed at"), std::string::npos) << r.err;
+  // The profile keeps the workers; the script run alone with it reads them.
+  const tu::ProcessResult alone = tu::run_program(
+      AUTOTUNE_PYTHON,
+      {"-c", "import autotune; print(autotune.plan(global_batch=8, num_workers=2).num_workers)"},
+      {"AUTOTUNE_PROFILE=" + j["profile"].get<std::string>(),
+       "PYTHONPATH=" + std::string(AUTOTUNE_SOURCE_DIR) + "/python"});
+  EXPECT_EQ(alone.out, "1\n") << alone.err;
+}
+
 // Each bad script gets one line naming what is wrong, exit 1, and no profile.
 TEST(ScriptMode, BadScriptsGetOneLineAndNoProfile) {
   const std::string dir = tu::temp_dir("script-bad");

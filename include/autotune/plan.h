@@ -36,6 +36,9 @@ struct Plan {
   int64_t optimizer_shards = 1;
   int64_t eval_batch = 0;  // sequences per eval forward (0: micro_batch)
   int64_t eval_batch_or_micro_batch() const { return eval_batch ? eval_batch : micro_batch; }
+  // Script mode: the command's DataLoader workers (-1: the script's own number). Lowered only
+  // where memory refuses a plan with more: they change no math.
+  int64_t num_workers = -1;
 
   int64_t global_batch() const { return micro_batch * grad_accum; }
   std::string describe() const;  // "micro_batch=8 grad_accum=4 bf16 checkpointing=off ..."
@@ -51,6 +54,7 @@ struct Pins {
   std::optional<int64_t> seq_len, d_model;
   std::optional<bool> shard_optimizer;  // ZeRO-1 over the ranks: Plan::optimizer_shards = world
   std::optional<int64_t> eval_batch;
+  std::optional<int64_t> num_workers;  // no flag: the script declares it (autotune.plan)
 };
 
 // How Plan::describe shows a knob: `key=value`, the value alone, only when it differs from
@@ -165,7 +169,8 @@ inline const auto kKnobs = std::make_tuple(
         .omitted_at_default(),  // files of one process stay as they were before ZeRO-1
     knob("eval_batch", &Pins::eval_batch, &Plan::eval_batch)
         .cli("eval-batch", "sequences per evaluation forward; default the micro-batch")
-        .show(Shown::never));
+        .show(Shown::never),
+    knob("num_workers", &Pins::num_workers, &Plan::num_workers).at_least(-1).omitted_at_default());
 
 // Calls f(knob) for each row of kKnobs, in order.
 template <typename Fn>

@@ -92,11 +92,15 @@ class ScriptTrials : public TrialRunner {
  private:
   enum class Role { describe, trial, run };
   ScriptRun spawn(Role role, const Plan* plan, int64_t steps, bool limit);
+  // One trial of exactly `plan` (run() may lower its workers after it).
+  Trial trial_of(const Plan& plan, const ProbeOptions& probe);
   // The plan's trial (`steps` optimizer steps), checked for a command that ignores the plan.
   ScriptRun checked_trial(const Plan& plan, int64_t steps, bool limit);
   void check_follows(const ScriptRun& r, const Plan& plan) const;
 
   ScriptOptions opt_;
+  ScriptInfo info_;           // from describe()
+  int64_t workers_cap_ = -1;  // the fewest DataLoader workers a fitting plan needed (-1: none)
   std::optional<TrialCgroups> cgroups_;
   std::string containment_;
   uint64_t baseline_bytes_ = 0;

@@ -99,7 +99,9 @@ def _from_profile(path, knobs):
         raise ValueError("%s=%s: cannot read its plan (%s); unset it or give a profile that "
                          "`autotune probe` wrote" % (ENV_PROFILE, path, e)) from None
     chosen = dict(knobs)
-    chosen.update({k: v for k, v in p.get("knobs", {}).items() if k in knobs})
+    # A knob autotune chose (num_workers where memory needed fewer) is a key of the plan;
+    # -1 or absent: the script's own.
+    chosen.update({k: p[k] for k in knobs if isinstance(p.get(k), int) and p[k] >= 0})
     return Plan(p["micro_batch"], p["grad_accum"], p["precision"], p["checkpointing"], chosen)
 
 

@@ -257,6 +257,9 @@ void RunContext::print_settings(const Plan& plan, const std::string& plan_source
                             ? " (the model's is " + std::to_string(w.default_width()) + ")"
                             : "")
                  : "-";
+    } else if (key == "num_workers") {
+      if (plan.num_workers < 0) continue;  // not a script's plan
+      key = "DataLoader workers";
     } else if (key == "optimizer_shards") {
       key = "optimizer states";
       text = plan.optimizer_shards > 1

@@ -65,10 +65,11 @@ std::vector<std::string> child_environment(const char* role, const Plan* plan, i
   env.push_back(std::string(kScriptRoleEnv) + "=" + role);
   env.push_back(std::string(kScriptReportFdEnv) + "=" + std::to_string(kReportFd));
   if (plan) {
-    const nlohmann::json p = {
+    nlohmann::json p = {
         {"micro_batch", plan->micro_batch},        {"grad_accum", plan->grad_accum},
         {"precision", to_string(plan->precision)}, {"checkpointing", plan->checkpointing},
         {"global_batch", plan->global_batch()},    {"knobs", nlohmann::json::object()}};
+    if (plan->num_workers >= 0) p["knobs"]["num_workers"] = plan->num_workers;
     env.push_back(std::string(kScriptPlanEnv) + "=" + p.dump());
   }
   if (steps > 0) env.push_back(std::string(kScriptStepsEnv) + "=" + std::to_string(steps));
@@ -295,7 +296,7 @@ ScriptInfo ScriptTrials::describe() {
                        " ended without calling autotune.plan(); script mode reads the plan "
                        "through it (README, \"Your own training script\")");
   }
-  ScriptInfo info;
+  ScriptInfo& info = info_;
   const nlohmann::json& e = r.plan_event;
   info.applies_precision = e.value("applies", nlohmann::json::object()).value("precision", false);
   info.applies_checkpointing =
@@ -353,6 +354,28 @@ double rate_after_first_step(const std::vector<nlohmann::json>& steps, double* w
 }  // namespace
 
 Trial ScriptTrials::run(const Plan& plan, const ProbeOptions& probe) {
+  // DataLoader workers change no math: where memory refuses a plan, fewer are tried (halving)
+  // before the search moves to a smaller or slower plan. A larger plan starts from the fewest
+  // that an earlier one needed (memory grows with the micro-batch).
+  Plan tried = plan;
+  if (tried.num_workers < 0 && workers_cap_ >= 0) tried.num_workers = workers_cap_;
+  Trial t = trial_of(tried, probe);
+  const nlohmann::json declared = info_.knobs.value("num_workers", nlohmann::json());
+  int64_t workers = tried.num_workers >= 0         ? tried.num_workers
+                    : declared.is_number_integer() ? declared.get<int64_t>()
+                                                   : 0;
+  while (workers > 0 && (t.killed || t.oom || (!t.fits && !t.error))) {
+    spdlog::info("trial    {} with {} DataLoader worker(s): {}; again with {}", plan.describe(),
+                 workers, t.reason, workers / 2);
+    workers /= 2;
+    tried.num_workers = workers;
+    t = trial_of(tried, probe);
+    if (t.fits) workers_cap_ = workers;
+  }
+  return t;
+}
+
+Trial ScriptTrials::trial_of(const Plan& plan, const ProbeOptions& probe) {
   const int64_t steps = 1 + std::max<int64_t>(2, probe.measured_steps);
   const ScriptRun r = checked_trial(plan, steps, /*limit=*/true);
   Trial t;

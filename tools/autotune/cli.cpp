@@ -97,7 +97,9 @@ void add_common(cxxopts::Options& o) {
                       text())("quiet", "warnings, errors and the final summary only")(
       "verbose", "also debug lines, and the memory line at every log line")("h,help", "show help");
   auto plan = o.add_options("plan");
-  for_each_knob([&](const auto& k) { plan(k.flag, k.help, text()); });
+  for_each_knob([&](const auto& k) {
+    if (*k.flag) plan(k.flag, k.help, text());  // a knob without a flag is set by its source
+  });
 }
 
 // Levenshtein distance, for "did you mean".
@@ -251,7 +253,7 @@ RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r,
   take(r, "dist-timeout", s.dist_timeout_s);
   take(r, "step-timeout", s.step_timeout_s);
   for_each_knob([&](const auto& k) {
-    if (r.count(k.flag))
+    if (*k.flag && r.count(k.flag))
       read_pin(k.flag, r[k.flag].template as<std::string>(), (s.*k.pin).emplace());
   });
   if (r.count("mode")) {
