@@ -449,6 +449,7 @@ int script_command(RunContext& ctx) {
       {"reused_profile", reused},
       {"verified_peak_bytes", verified_peak},
       {"trial_processes", trials.processes()},
+      {"probe_s", reused ? 0.0 : profile->probe_seconds},
       {"script", {{"command", spec.script}, {"start_s", info.start_s}, {"declared", info.knobs}}}};
   if (spec.command == "probe") {
     print_what_next(ctx, *profile, path, std::nullopt, reused);
