@@ -423,7 +423,10 @@ double ScriptTrials::precision_speed(Precision precision) {
 
 std::optional<uint64_t> ScriptTrials::need_bytes(const Plan& plan, const ProbeOptions& probe) {
   const int64_t steps = 1 + std::max<int64_t>(2, probe.measured_steps);
-  const ScriptRun r = checked_trial(plan, steps, /*limit=*/false);
+  // The smallest plan's need: with no DataLoader workers where the script has some.
+  Plan smallest = plan;
+  if (smallest.num_workers < 0 && info_.knobs.contains("num_workers")) smallest.num_workers = 0;
+  const ScriptRun r = checked_trial(smallest, steps, /*limit=*/false);
   if (r.killed || r.oom || r.exit_code != 0) return std::nullopt;
   return r.peak_bytes;
 }
