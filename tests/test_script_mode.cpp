@@ -3,8 +3,13 @@
 // machine has them.
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
+
+#include <chrono>
+#include <csignal>
 #include <filesystem>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -159,6 +164,41 @@ while True:
       {"AUTOTUNE_PROFILE=" + j["profile"].get<std::string>(),
        "PYTHONPATH=" + std::string(AUTOTUNE_SOURCE_DIR) + "/python"});
   EXPECT_EQ(alone.out, "1\n") << alone.err;
+}
+
+// A stop (SIGTERM, Ctrl-C) during the full run reaches the script, which saves its work and
+// leaves; autotune waits for it and stops with 128 + the signal. Trials are only killed.
+TEST(ScriptMode, AStopReachesTheScriptInItsFullRunAndItSavesItsWork) {
+  const std::string dir = tu::temp_dir("script-stop");
+  const std::string path = script(dir, "stop.py", R"(
+import os, signal, sys, time
+p = autotune.plan(global_batch=4)
+def save(signum, frame):
+    open(")" + dir + R"(/saved", "w").write("step %d" % steps)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, save)
+steps = 0
+if os.environ.get("AUTOTUNE_ROLE") == "run":
+    open(")" + dir + R"(/running", "w").close()
+while True:
+    time.sleep(0.02)
+    steps += 1
+    autotune.step(samples=p.global_batch)
+)");
+  const pid_t pid = tu::start_autotune(
+      {"run", "--budget", "1G", "--profile-dir", dir + "/p", "--", AUTOTUNE_PYTHON, path});
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (!std::filesystem::exists(dir + "/running") && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  ASSERT_TRUE(std::filesystem::exists(dir + "/running"));
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  kill(pid, SIGTERM);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 143);
+  EXPECT_NE(tu::read_file(dir + "/saved").find("step "), std::string::npos)
+      << "the script never got the signal";
 }
 
 // Each bad script gets one line naming what is wrong, exit 1, and no profile.

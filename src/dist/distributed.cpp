@@ -31,6 +31,7 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include "autotune/errors.h"
+#include "run/child_process.h"
 
 extern char** environ;
 
@@ -528,13 +529,6 @@ std::vector<std::string> rank_environment(int rank, int nproc, int port,
   env.push_back("AUTOTUNE_LAUNCHER_PID=" + std::to_string(getpid()));
   if (!user_threads) env.push_back("OMP_NUM_THREADS=" + threads);
   return env;
-}
-
-std::vector<char*> c_strings(std::vector<std::string>& v) {
-  std::vector<char*> out;
-  for (auto& s : v) out.push_back(s.data());
-  out.push_back(nullptr);
-  return out;
 }
 
 // The ranks still running, by rank; 0 once reaped.

@@ -6,8 +6,12 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace autotune {
+
+// argv/envp for exec: pointers into `v` (which must outlive them), null-terminated.
+std::vector<char*> c_strings(std::vector<std::string>& v);
 
 // An anonymous in-memory file (close-on-exec) for a child's output; throws RuntimeError.
 int make_memfd(const char* name);

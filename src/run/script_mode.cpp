@@ -76,13 +76,6 @@ std::vector<std::string> child_environment(const char* role, const Plan* plan, i
   return env;
 }
 
-std::vector<char*> c_strings(std::vector<std::string>& v) {
-  std::vector<char*> out;
-  for (auto& s : v) out.push_back(s.data());
-  out.push_back(nullptr);
-  return out;
-}
-
 // The child between fork and exec: async-signal-safe calls only. Never returns.
 [[noreturn]] void exec_command(bool trial, int log_fd, bool stdout_to_stderr, int report_fd,
                                const char* procs_path, char* const* argv, char* const* envp) {
@@ -241,10 +234,15 @@ ScriptRun ScriptTrials::spawn(Role role, const Plan* plan, int64_t steps, bool l
     const pid_t w = ::waitpid(pid, &status, WNOHANG);
     if (w == pid || (w < 0 && errno != EINTR)) break;
     if (cgroup.empty() && tick % 3 == 0) polled_peak = std::max(polled_peak, group_pss_bytes(pid));
-    if (opt_.stop_signal && opt_.stop_signal->load() != 0) stop = opt_.stop_signal->load();
+    if (opt_.stop_signal && opt_.stop_signal->load() != 0 && !stop) {
+      stop = opt_.stop_signal->load();
+      // The full run is the user's training: it gets the signal, to save what it has, and is
+      // waited for. A trial is only killed.
+      if (role == Role::run) ::kill(-pid, stop);
+    }
     // A describe run ends at plan(); a trial or a run must report a step within the timeout.
     timed_out = std::chrono::steady_clock::now() - last_progress > opt_.step_timeout;
-    if (stop || timed_out) {
+    if ((stop && role != Role::run) || timed_out) {
       ::kill(-pid, SIGKILL);
       while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
       }

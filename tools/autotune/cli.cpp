@@ -206,6 +206,32 @@ void read_pin(const char* flag, const std::string& text, Precision& v) {
   v = parse_precision(text);
 }
 
+// Value checks of the flags, all here.
+void check_values(const RunSpec& s, const std::string& command, const cxxopts::ParseResult& r) {
+  if (s.global_batch) positive("global-batch", *s.global_batch);
+  positive("steps", s.steps);
+  if (s.batch_tokens) positive("batch-tokens", *s.batch_tokens);
+  positive("nproc", s.nproc);
+  positive("dist-timeout", s.dist_timeout_s);
+  positive("step-timeout", s.step_timeout_s);
+  if (r.count("step-timeout") && s.script.empty())
+    throw UsageError("--step-timeout is for a command after --; drop it");
+  if (s.nproc > 1 && command != "run" && command != "probe" && command != "train")
+    throw UsageError("--nproc works with autotune run, probe and train; drop it from " + command);
+  if (s.shard_optimizer && command != "run" && command != "probe" && command != "trial" &&
+      command != "train")
+    throw UsageError(
+        "--shard-optimizer works with autotune run, probe and train (with --nproc); drop it "
+        "from " +
+        command);
+  if (s.eval_every < 0 || s.checkpoint_every < 0 || s.eval_sequences < 0)
+    throw UsageError("--eval-every, --checkpoint-every and --eval-sequences must be >= 0");
+  if (!(s.lr > 0 && s.lr < 10)) throw UsageError("--lr must be in (0, 10)");
+  if (s.global_batch && s.batch_tokens)
+    throw UsageError("give --global-batch or --batch-tokens, not both");
+  if (s.resume && s.run_dir.empty()) throw resume_needs_run_dir();
+}
+
 RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r,
                   std::vector<std::string> script) {
   RunSpec s;
@@ -281,29 +307,7 @@ RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r,
       start = comma + 1;
     }
   }
-  // Value checks, all here.
-  if (s.global_batch) positive("global-batch", *s.global_batch);
-  positive("steps", s.steps);
-  if (s.batch_tokens) positive("batch-tokens", *s.batch_tokens);
-  positive("nproc", s.nproc);
-  positive("dist-timeout", s.dist_timeout_s);
-  positive("step-timeout", s.step_timeout_s);
-  if (r.count("step-timeout") && s.script.empty())
-    throw UsageError("--step-timeout is for a command after --; drop it");
-  if (s.nproc > 1 && command != "run" && command != "probe" && command != "train")
-    throw UsageError("--nproc works with autotune run, probe and train; drop it from " + command);
-  if (s.shard_optimizer && command != "run" && command != "probe" && command != "trial" &&
-      command != "train")
-    throw UsageError(
-        "--shard-optimizer works with autotune run, probe and train (with --nproc); drop it "
-        "from " +
-        command);
-  if (s.eval_every < 0 || s.checkpoint_every < 0 || s.eval_sequences < 0)
-    throw UsageError("--eval-every, --checkpoint-every and --eval-sequences must be >= 0");
-  if (!(s.lr > 0 && s.lr < 10)) throw UsageError("--lr must be in (0, 10)");
-  if (s.global_batch && s.batch_tokens)
-    throw UsageError("give --global-batch or --batch-tokens, not both");
-  if (s.resume && s.run_dir.empty()) throw resume_needs_run_dir();
+  check_values(s, command, r);
   if (!s.script.empty()) check_script_flags(s, r);
   if (s.budget_text.empty() && (command == "run" || command == "probe"))
     throw UsageError("autotune " + command + " needs --budget SIZE, e.g. --budget 8G");
@@ -311,6 +315,19 @@ RunSpec spec_from(const std::string& command, const cxxopts::ParseResult& r,
   if (!s.host_budget_text.empty()) parse_size(s.host_budget_text, uint64_t{1} << 40);
   parse_margin(s.margin_text, std::nullopt);  // its form; RunContext sets it against the budget
   return s;
+}
+
+// Script mode: everything after `--` is the user's command, not ours to parse. Returns where
+// autotune's own arguments end (argc without `--`).
+int split_at_dashes(int argc, char** argv, int first, std::vector<std::string>* script) {
+  for (int i = first; i < argc; ++i)
+    if (std::strcmp(argv[i], "--") == 0) {
+      script->assign(argv + i + 1, argv + argc);
+      if (script->empty())
+        throw UsageError("nothing after --: give the training command, e.g. -- python train.py");
+      return i;
+    }
+  return argc;
 }
 
 int dispatch(int argc, char** argv) {
@@ -339,17 +356,8 @@ int dispatch(int argc, char** argv) {
   cxxopts::Options options("autotune " + command, kUsage);
   add_common(options);
   std::vector<char*> args = {argv[0]};
-  // Script mode: everything after `--` is the user's command, not ours to parse.
-  int end = argc;
   std::vector<std::string> script;
-  for (int i = first; i < argc; ++i)
-    if (std::strcmp(argv[i], "--") == 0) {
-      end = i;
-      script.assign(argv + i + 1, argv + argc);
-      break;
-    }
-  if (end != argc && script.empty())
-    throw UsageError("nothing after --: give the training command, e.g. -- python train.py");
+  const int end = split_at_dashes(argc, argv, first, &script);
   // cxxopts takes an optional value only as --resume=auto; `--resume auto` is what people type.
   static char resume_auto[] = "--resume=auto";
   for (int i = first; i < end; ++i) {

@@ -394,6 +394,15 @@ IsolatedTrialsOptions isolated_trials_options(RunContext& ctx) {
 
 namespace {
 
+// A trial's options: the usable bytes, the run's seed and device.
+ProbeOptions probe_options(const RunContext& ctx) {
+  ProbeOptions probe;
+  probe.usable_bytes = *ctx.usable_bytes();
+  probe.seed = ctx.spec().seed;
+  probe.device = ctx.device();
+  return probe;
+}
+
 ScriptOptions script_options(const RunContext& ctx) {
   ScriptOptions o;
   o.command = ctx.spec().script;
@@ -428,10 +437,7 @@ int script_command(RunContext& ctx) {
   const ProfileStore store = open_store(spec);
   const Fingerprint fp = make_fingerprint(ctx, global_batch);
   const std::string path = spec.profile_file.empty() ? store.path_for(fp) : spec.profile_file;
-  ProbeOptions probe;
-  probe.usable_bytes = *ctx.usable_bytes();
-  probe.seed = spec.seed;
-  probe.device = ctx.device();
+  const ProbeOptions probe = probe_options(ctx);
   uint64_t verified_peak = 0;
   std::optional<Profile> profile =
       reusable_profile(ctx, store, path, fp, probe, trials, &verified_peak);
@@ -496,10 +502,7 @@ int tune_command(const RunSpec& spec_in) {
 
   // Every measurement runs in a trial process; this one stays as a training run starts until it
   // knows its plan (no warm-up, no speed test, no trial state).
-  ProbeOptions probe;
-  probe.usable_bytes = *ctx.usable_bytes();
-  probe.seed = spec.seed;
-  probe.device = ctx.device();
+  const ProbeOptions probe = probe_options(ctx);
   IsolatedTrials trial_runner(isolated_trials_options(ctx));
 
   // ---- a profile that still fits, or a probe (on one rank; the others verify its plan) ----
