@@ -14,26 +14,16 @@
 #include "test_support.h"
 
 namespace tu = autotune::testing;
+using tu::join;
 
 namespace {
 
 constexpr double kMiB = 1048576.0;
 
-nlohmann::json parse_json(const tu::ProcessResult& r) {
-  EXPECT_EQ(r.exit_code, 0) << r.err;
-  if (r.exit_code != 0 || r.out.empty()) return nlohmann::json::object();
-  return nlohmann::json::parse(r.out);
-}
-
-std::vector<std::string> join(std::vector<std::string> a, const std::vector<std::string>& b) {
-  a.insert(a.end(), b.begin(), b.end());
-  return a;
-}
-
 // The peak of a fresh `autotune train` process of one plan (the budget figure, --json).
 uint64_t fresh_train_peak(const std::vector<std::string>& model,
                           const std::vector<std::string>& plan) {
-  const nlohmann::json j = parse_json(tu::run_autotune(join(
+  const nlohmann::json j = tu::json_summary(tu::run_autotune(join(
       join(join({"train"}, model), plan), {"--steps", "3", "--eval-sequences", "8", "--json"})));
   return j.at("memory").at("peak_bytes").get<uint64_t>();
 }
@@ -103,20 +93,20 @@ TEST(Isolation, AnFp32RunEntersNoLowPrecisionRegion) {
       "2",       "--eval-sequences", "4",      "--json"};
   // The counter counts: a bf16 run enters regions.
   const nlohmann::json bf16 =
-      parse_json(tu::run_autotune(join({"train", "--precision", "bf16"}, model)));
+      tu::json_summary(tu::run_autotune(join({"train", "--precision", "bf16"}, model)));
   EXPECT_GT(bf16.at("process").at("autocast_regions").get<int64_t>(), 0);
   // An fp32 profile, reused with --profile by a run that pins no precision.
-  const nlohmann::json probe = parse_json(tu::run_autotune(
+  const nlohmann::json probe = tu::json_summary(tu::run_autotune(
       join({"probe", "--budget", "1G", "--precision", "fp32", "--profile-dir", store}, model)));
   const std::string profile = probe.at("profile").get<std::string>();
-  const nlohmann::json reuse = parse_json(tu::run_autotune(
+  const nlohmann::json reuse = tu::json_summary(tu::run_autotune(
       join({"--budget", "1G", "--profile", profile, "--profile-dir", store}, model)));
   EXPECT_TRUE(reuse.at("reused_profile").get<bool>());
   EXPECT_EQ(reuse.at("plan").at("precision"), "fp32");
   EXPECT_EQ(reuse.at("process").at("autocast_regions").get<int64_t>(), 0)
       << "the process that trains an fp32 plan ran low-precision steps";
   // A probe free to try bf16, then its training: the process enters regions only for a bf16 plan.
-  const nlohmann::json free = parse_json(tu::run_autotune(join(
+  const nlohmann::json free = tu::json_summary(tu::run_autotune(join(
       {"--budget", "1G", "--reprobe", "--profile-dir", tu::temp_dir("isolation-free")}, model)));
   const bool bf16_plan = free.at("plan").at("precision") != "fp32";
   bool bf16_trial = false;
@@ -151,7 +141,7 @@ TEST(Isolation, NothingFitsNamesABudgetThatThenTrains) {
   // It holds the smallest plan after the margin, and not far more than that.
   EXPECT_GE(named, smallest);
   EXPECT_LE(named, budget_holding(smallest) + (uint64_t{8} << 20));
-  const nlohmann::json j = parse_json(tu::run_autotune(
+  const nlohmann::json j = tu::json_summary(tu::run_autotune(
       join({"--budget", m[1].str() + "M", "--profile-dir", store, "--json"}, model)));
   EXPECT_TRUE(j.value("within_budget", false)) << j.dump();
 }

@@ -17,6 +17,7 @@
 #include "test_support.h"
 
 namespace tu = autotune::testing;
+using tu::join;
 
 namespace {
 
@@ -24,17 +25,6 @@ const std::string kExample =
     std::string(AUTOTUNE_SOURCE_DIR) + "/examples/scripts/lstm_regressor.py";
 const std::string kHfExample =
     std::string(AUTOTUNE_SOURCE_DIR) + "/examples/scripts/hf_classifier.py";
-
-std::vector<std::string> join(std::vector<std::string> a, const std::vector<std::string>& b) {
-  a.insert(a.end(), b.begin(), b.end());
-  return a;
-}
-
-nlohmann::json parse_json(const tu::ProcessResult& r) {
-  EXPECT_EQ(r.exit_code, 0) << r.err;
-  if (r.exit_code != 0 || r.out.empty()) return nlohmann::json::object();
-  return nlohmann::json::parse(r.out);
-}
 
 // A small Python script in a temp dir; `body` runs after `import autotune`.
 std::string script(const std::string& dir, const std::string& name, const std::string& body) {
@@ -53,7 +43,7 @@ static void tuned_at_a_binding_budget(const std::string& name,
                                       int64_t global_batch) {
   const std::string store = tu::temp_dir("script-" + name);
   const std::string batch = std::to_string(global_batch);
-  const nlohmann::json full = parse_json(tu::run_autotune(join(
+  const nlohmann::json full = tu::json_summary(tu::run_autotune(join(
       {"probe", "--budget", "8G", "--global-batch", batch, "--micro-batch", batch, "--precision",
        "fp32", "--checkpointing", "off", "--profile-dir", store + "/full", "--json", "--"},
       command)));
@@ -67,7 +57,7 @@ static void tuned_at_a_binding_budget(const std::string& name,
             store + "/tuned", "--json", "--"},
            command);
   const tu::ProcessResult first = tu::run_autotune(run);
-  const nlohmann::json a = parse_json(first);
+  const nlohmann::json a = tu::json_summary(first);
   ASSERT_FALSE(a.empty()) << first.err;
   EXPECT_GE(a["trials"].size(), 2u);
   const auto plan = a["plan"];
@@ -77,7 +67,7 @@ static void tuned_at_a_binding_budget(const std::string& name,
   EXPECT_GT(a["samples_per_s"].get<double>(), 0);
   EXPECT_TRUE(std::filesystem::exists(a["profile"].get<std::string>()));
 
-  const nlohmann::json b = parse_json(tu::run_autotune(run));
+  const nlohmann::json b = tu::json_summary(tu::run_autotune(run));
   EXPECT_TRUE(b.value("reused_profile", false));
   EXPECT_EQ(b["trials"].size(), 0u);
   EXPECT_EQ(b["plan"], plan);
@@ -114,8 +104,8 @@ while True:
     autotune.step(samples=p.micro_batch * p.grad_accum)
 )");
   const nlohmann::json j =
-      parse_json(tu::run_autotune({"probe", "--budget", "300M", "--profile-dir", dir + "/p",
-                                   "--json", "--", AUTOTUNE_PYTHON, path}));
+      tu::json_summary(tu::run_autotune({"probe", "--budget", "300M", "--profile-dir", dir + "/p",
+                                         "--json", "--", AUTOTUNE_PYTHON, path}));
   ASSERT_FALSE(j.empty());
   bool killed = false;
   for (const auto& t : j["trials"])
@@ -153,7 +143,7 @@ while True:
                                           dir + "/p", "--json",   "--",   AUTOTUNE_PYTHON,
                                           path};
   const tu::ProcessResult r = tu::run_autotune(probe);
-  const nlohmann::json j = parse_json(r);
+  const nlohmann::json j = tu::json_summary(r);
   ASSERT_FALSE(j.empty());
   EXPECT_EQ(j["plan"].value("num_workers", -1), 1) << j["plan"].dump();
   EXPECT_NE(r.err.find("with 2 DataLoader worker(s): Killed at"), std::string::npos) << r.err;

@@ -1,5 +1,7 @@
 #include "test_support.h"
 
+#include <gtest/gtest.h>
+
 #include <fcntl.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -213,6 +215,17 @@ ProcessResult run_autotune_in(const MemoryCgroup& cg, const std::vector<std::str
   const std::vector<std::string> pinned = on_cpu(args);
   sh.insert(sh.end(), pinned.begin(), pinned.end());
   return run("/bin/sh", sh, {});
+}
+
+std::vector<std::string> join(std::vector<std::string> a, const std::vector<std::string>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+nlohmann::json json_summary(const ProcessResult& r) {
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  if (r.exit_code != 0 || r.out.empty()) return nlohmann::json::object();
+  return nlohmann::json::parse(r.out);
 }
 
 std::string last_line(const std::string& text) {

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 // AddressSanitizer replaces glibc's allocator (quarantine, redzones, shadow memory), so resident
 // memory no longer follows tensor bytes: tests of RSS behaviour, and budgets compared against
 // RSS, skip themselves in scripts/sanitize builds.
@@ -76,6 +78,13 @@ ProcessResult run_autotune_in(const MemoryCgroup& cg, const std::vector<std::str
 
 // The last non-empty line of a process's output (the one line an error gives).
 std::string last_line(const std::string& text);
+
+// a then b.
+std::vector<std::string> join(std::vector<std::string> a, const std::vector<std::string>& b);
+
+// The --json summary of a run that must have succeeded (a failed expectation otherwise, and an
+// empty object to go on with).
+nlohmann::json json_summary(const ProcessResult& r);
 
 // Writes bytes to a file (for fixtures).
 void write_file(const std::string& path, const std::string& bytes);

@@ -56,11 +56,15 @@ struct ScriptRun {
   bool killed = false;        // killed by the kernel (its cgroup's limit, or the machine's)
   bool oom = false;           // it said it ran out of memory (Python MemoryError, torch's OOM)
   uint64_t peak_bytes = 0;    // its process tree's peak: the cgroup's, else polled PSS
-  bool planned = false;       // it called autotune.plan()
-  nlohmann::json plan_event;  // what plan() reported: the knobs it declared, its defaults
+  nlohmann::json plan_event;  // what plan() reported (null: it never called autotune.plan())
   std::vector<nlohmann::json> steps;  // its step reports, in order
   std::string last_line;              // the last line of its output (trials and describe)
   double process_s = 0;               // start to exit
+
+  bool planned() const { return !plan_event.is_null(); }
+  // Samples per second over the steps after the first, which carries the start-up (workers
+  // forking, first allocations); the seconds those steps took in *wall_s. 0 with fewer than 2.
+  double samples_per_s(double* wall_s = nullptr) const;
 };
 
 class ScriptTrials : public TrialRunner {

@@ -63,7 +63,6 @@ class Plan:
 
 
 class _State:
-    plan = None
     steps = 0
     report = None  # a file object on AUTOTUNE_REPORT_FD
     trial_steps = 0
@@ -139,7 +138,6 @@ def plan(global_batch, micro_batch=None, precision=None, checkpointing=None, **k
     else:
         result = Plan(micro_batch, _split(global_batch, micro_batch), precision, checkpointing,
                       knobs)
-    _State.plan = result
     _State.steps = 0
     return result
 

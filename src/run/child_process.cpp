@@ -1,5 +1,7 @@
 #include "run/child_process.h"
 
+#include <fcntl.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -52,6 +54,38 @@ std::string last_line(const std::string& text) {
   while (std::getline(in, line))
     if (line.find_first_not_of(" \t\r") != std::string::npos) last = line;
   return last;
+}
+
+void child_oom_first() {
+  const int fd = ::open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return;
+  if (::write(fd, "1000", 4) < 0) {
+  }
+  ::close(fd);
+}
+
+void child_join_cgroup(const char* procs_path, const char* what) {
+  if (!procs_path) return;
+  const int fd = ::open(procs_path, O_WRONLY | O_CLOEXEC);
+  if (fd < 0 || ::write(fd, "0", 1) != 1) {
+    if (::write(2, what, std::strlen(what)) < 0) {
+    }
+    ::_exit(126);
+  }
+  ::close(fd);
+}
+
+void child_keep_fd(int fd, int target) {
+  if (fd == target)
+    ::fcntl(target, F_SETFD, 0);
+  else
+    ::dup2(fd, target);  // dup2's copy has no close-on-exec
+}
+
+void child_unblock_signals() {
+  sigset_t none;
+  sigemptyset(&none);
+  ::sigprocmask(SIG_SETMASK, &none, nullptr);
 }
 
 uint64_t rss_of(pid_t pid) {

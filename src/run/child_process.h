@@ -23,6 +23,17 @@ std::string drain_memfd(int fd);
 // The last line of `text` that is not blank ("" when there is none).
 std::string last_line(const std::string& text);
 
+// Between fork and exec (async-signal-safe calls only), what both kinds of child do:
+// - the kernel's OOM killer takes this process before the one that started it;
+void child_oom_first();
+// - joins the cgroup whose procs file is `procs_path` (null: none), so all it maps from exec on is
+//   charged there; on failure says `what` on stderr and exits 126;
+void child_join_cgroup(const char* procs_path, const char* what);
+// - `fd` becomes descriptor `target` and stays open across exec;
+void child_keep_fd(int fd, int target);
+// - exec with no signal blocked (the parent may block some).
+void child_unblock_signals();
+
 // Resident bytes of a process (0 once it is gone).
 uint64_t rss_of(pid_t pid);
 

@@ -199,33 +199,13 @@ namespace {
                              char* const* argv, char* const* envp) {
   ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive the probe
   if (::getppid() != parent) ::_exit(126);
-  // The kernel's OOM killer takes a trial before the probe that started it.
-  int fd = ::open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
-  if (fd >= 0) {
-    if (::write(fd, "1000", 4) < 0) {
-    }
-    ::close(fd);
-  }
+  child_oom_first();  // the kernel's OOM killer takes a trial before the probe that started it
   ::dup2(log_fd, 1);
   ::dup2(log_fd, 2);
   // Into the trial's cgroup before exec, so everything the process maps is charged there.
-  if (procs_path) {
-    fd = ::open(procs_path, O_WRONLY | O_CLOEXEC);
-    if (fd < 0 || ::write(fd, "0", 1) != 1) {
-      const char msg[] = "autotune trial: cannot join its memory cgroup\n";
-      if (::write(2, msg, sizeof msg - 1) < 0) {
-      }
-      ::_exit(126);
-    }
-    ::close(fd);
-  }
-  if (answer_fd == kAnswerFd)
-    ::fcntl(kAnswerFd, F_SETFD, 0);
-  else
-    ::dup2(answer_fd, kAnswerFd);
-  sigset_t none;
-  sigemptyset(&none);
-  ::sigprocmask(SIG_SETMASK, &none, nullptr);
+  child_join_cgroup(procs_path, "autotune trial: cannot join its memory cgroup\n");
+  child_keep_fd(answer_fd, kAnswerFd);
+  child_unblock_signals();
   ::execve("/proc/self/exe", argv, envp);
   const char msg[] = "autotune trial: exec of /proc/self/exe failed\n";
   if (::write(2, msg, sizeof msg - 1) < 0) {

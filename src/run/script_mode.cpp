@@ -44,6 +44,15 @@ std::string client_dir() {
   return AUTOTUNE_PYTHON_CLIENT_DIR;
 }
 
+// An environment entry autotune sets for the child itself (a parent's AUTOTUNE_PROFILE too: under
+// autotune the plan comes from AUTOTUNE_PLAN).
+bool set_by_autotune(const std::string& entry) {
+  for (const char* name :
+       {kScriptPlanEnv, kScriptRoleEnv, kScriptStepsEnv, kScriptReportFdEnv, "AUTOTUNE_PROFILE"})
+    if (entry.rfind(std::string(name) + "=", 0) == 0) return true;
+  return false;
+}
+
 // The child's environment: this process's, less what autotune sets for it, plus the role, the
 // plan, the report pipe and the client on PYTHONPATH.
 std::vector<std::string> child_environment(const char* role, const Plan* plan, int64_t steps) {
@@ -51,10 +60,7 @@ std::vector<std::string> child_environment(const char* role, const Plan* plan, i
   std::string pythonpath = client_dir();
   for (char** e = environ; *e; ++e) {
     const std::string entry = *e;
-    if (entry.rfind("AUTOTUNE_PLAN=", 0) == 0 || entry.rfind("AUTOTUNE_ROLE=", 0) == 0 ||
-        entry.rfind("AUTOTUNE_TRIAL_STEPS=", 0) == 0 ||
-        entry.rfind("AUTOTUNE_REPORT_FD=", 0) == 0 || entry.rfind("AUTOTUNE_PROFILE=", 0) == 0)
-      continue;
+    if (set_by_autotune(entry)) continue;
     if (entry.rfind("PYTHONPATH=", 0) == 0) {
       pythonpath += ":" + entry.substr(11);
       continue;
@@ -81,32 +87,16 @@ std::vector<std::string> child_environment(const char* role, const Plan* plan, i
                                const char* procs_path, char* const* argv, char* const* envp) {
   ::setpgid(0, 0);  // its own group: the DataLoader workers it forks are stopped with it
   ::prctl(PR_SET_PDEATHSIG, trial ? SIGKILL : SIGTERM);
-  if (trial) {  // the kernel's OOM killer takes a trial before the probe that started it
-    const int fd = ::open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
-    if (fd >= 0) {
-      if (::write(fd, "1000", 4) < 0) {
-      }
-      ::close(fd);
-    }
-  }
-  if (procs_path) {  // into its cgroup before exec, so all it maps is charged there
-    const int fd = ::open(procs_path, O_WRONLY | O_CLOEXEC);
-    if (fd < 0 || ::write(fd, "0", 1) != 1) ::_exit(126);
-    ::close(fd);
-  }
+  if (trial) child_oom_first();  // the kernel's OOM killer takes a trial before the probe
+  child_join_cgroup(procs_path, "autotune: the command cannot join its memory cgroup\n");
   if (log_fd >= 0) {
     ::dup2(log_fd, 1);
     ::dup2(log_fd, 2);
   } else if (stdout_to_stderr) {
     ::dup2(2, 1);
   }
-  if (report_fd == kReportFd)
-    ::fcntl(kReportFd, F_SETFD, 0);
-  else
-    ::dup2(report_fd, kReportFd);
-  sigset_t none;
-  sigemptyset(&none);
-  ::sigprocmask(SIG_SETMASK, &none, nullptr);
+  child_keep_fd(report_fd, kReportFd);
+  child_unblock_signals();
   ::execvpe(argv[0], argv, envp);
   const char msg[] = "autotune: cannot run the command (exec failed)\n";
   if (::write(2, msg, sizeof msg - 1) < 0) {
@@ -135,7 +125,6 @@ void read_reports(int fd, std::string& pending, ScriptRun& r) {
     if (!j.is_object()) continue;
     const std::string event = j.value("event", "");
     if (event == "plan") {
-      r.planned = true;
       r.plan_event = j;
     } else if (event == "step") {
       r.steps.push_back(j);
@@ -227,9 +216,9 @@ ScriptRun ScriptTrials::spawn(Role role, const Plan* plan, int64_t steps, bool l
   uint64_t polled_peak = 0;
   for (int tick = 0;; ++tick) {
     const size_t before = r.steps.size();
-    const bool planned_before = r.planned;
+    const bool planned_before = r.planned();
     read_reports(report[0], pending, r);
-    if (r.steps.size() != before || r.planned != planned_before)
+    if (r.steps.size() != before || r.planned() != planned_before)
       last_progress = std::chrono::steady_clock::now();
     const pid_t w = ::waitpid(pid, &status, WNOHANG);
     if (w == pid || (w < 0 && errno != EINTR)) break;
@@ -277,15 +266,24 @@ ScriptRun ScriptTrials::spawn(Role role, const Plan* plan, int64_t steps, bool l
   if (timed_out)
     throw RuntimeError(
         command_line() + " ran " + std::to_string(opt_.step_timeout.count()) +
-        " s without calling autotune." + (r.planned ? "step()" : "plan()") +
+        " s without calling autotune." + (r.planned() ? "step()" : "plan()") +
         (r.last_line.empty() ? std::string() : " (its last line: " + r.last_line + ")") +
         "; call autotune.step(samples) after each optimizer step");
   return r;
 }
 
+double ScriptRun::samples_per_s(double* wall_s) const {
+  if (steps.size() < 2) return 0;
+  double samples = 0;
+  for (size_t i = 1; i < steps.size(); ++i) samples += steps[i].value("samples", 0.0);
+  const double s = steps.back().value("time", 0.0) - steps.front().value("time", 0.0);
+  if (wall_s) *wall_s = s;
+  return s > 0 ? samples / s : 0;
+}
+
 ScriptInfo ScriptTrials::describe() {
   const ScriptRun r = spawn(Role::describe, nullptr, 0, /*limit=*/false);
-  if (!r.planned) {
+  if (!r.planned()) {
     if (r.exit_code != 0)
       throw RuntimeError(command_line() + " exited with code " + std::to_string(r.exit_code) +
                          " before calling autotune.plan()" +
@@ -306,7 +304,7 @@ ScriptInfo ScriptTrials::describe() {
 }
 
 void ScriptTrials::check_follows(const ScriptRun& r, const Plan& plan) const {
-  if (!r.planned && !r.steps.empty())
+  if (!r.planned() && !r.steps.empty())
     throw RuntimeError(command_line() +
                        " calls autotune.step() but never autotune.plan(): it does not read its "
                        "plan; take micro_batch and grad_accum from plan = autotune.plan(...)");
@@ -336,20 +334,6 @@ ScriptRun ScriptTrials::checked_trial(const Plan& plan, int64_t steps, bool limi
                        ": give it data (or epochs) for at least that many");
   return r;
 }
-
-namespace {
-// Samples (or the tokens it reports) per second over the steps after the first, which carries
-// the start-up (workers forking, first allocations). 0 with fewer than two steps.
-double rate_after_first_step(const std::vector<nlohmann::json>& steps, double* wall_s) {
-  if (steps.size() < 2) return 0;
-  double units = 0;
-  for (size_t i = 1; i < steps.size(); ++i)
-    units += static_cast<double>(steps[i].value("tokens", steps[i].value("samples", int64_t{0})));
-  const double s = steps.back().value("time", 0.0) - steps.front().value("time", 0.0);
-  if (wall_s) *wall_s = s;
-  return s > 0 ? units / s : 0;
-}
-}  // namespace
 
 Trial ScriptTrials::run(const Plan& plan, const ProbeOptions& probe) {
   // DataLoader workers change no math: where memory refuses a plan, fewer are tried (halving)
@@ -381,7 +365,7 @@ Trial ScriptTrials::trial_of(const Plan& plan, const ProbeOptions& probe) {
   t.peak_bytes = r.peak_bytes;
   t.process_s = r.process_s;
   t.steps_run = static_cast<int64_t>(r.steps.size());
-  t.tokens_per_s = rate_after_first_step(r.steps, &t.wall_s);
+  t.tokens_per_s = r.samples_per_s(&t.wall_s);
   if (r.killed) {
     t.killed = true;
     t.reason = "Killed at " + format_bytes(r.peak_bytes) + " by the kernel" +
@@ -409,7 +393,7 @@ std::vector<std::vector<double>> ScriptTrials::retime(const std::vector<Trial>& 
   for (int round = 0; round < rounds; ++round)
     for (size_t i = 0; i < finalists.size(); ++i) {
       const ScriptRun r = checked_trial(finalists[i].plan, steps, /*limit=*/false);
-      out[i].push_back(r.exit_code == 0 ? rate_after_first_step(r.steps, nullptr) : 0.0);
+      out[i].push_back(r.exit_code == 0 ? r.samples_per_s() : 0.0);
     }
   return out;
 }

@@ -464,11 +464,6 @@ int script_command(RunContext& ctx) {
   }
   spdlog::info("running {} with {}", trials.command_line(), profile->plan.describe());
   const ScriptRun run = trials.train(profile->plan);
-  double wall_s = 0;
-  double samples = 0;
-  for (size_t i = 1; i < run.steps.size(); ++i) samples += run.steps[i].value("samples", 0.0);
-  if (run.steps.size() > 1)
-    wall_s = run.steps.back().value("time", 0.0) - run.steps.front().value("time", 0.0);
   profile->full_run_peak_bytes = run.peak_bytes;
   profile->full_run_at = now_iso8601();
   save_profile(store, *profile, path, spec.require_profile_save);
@@ -480,7 +475,7 @@ int script_command(RunContext& ctx) {
     j["steps"] = run.steps.size();
     j["peak_bytes"] = run.peak_bytes;
     j["within_budget"] = run.peak_bytes <= *ctx.budget_bytes();
-    j["samples_per_s"] = wall_s > 0 ? samples / wall_s : 0.0;
+    j["samples_per_s"] = run.samples_per_s();
     j["wall_s"] = run.process_s;
     std::cout << j.dump(2) << std::endl;
   }
