@@ -19,6 +19,7 @@
 #include "autotune/gpt_workload.h"
 #include "autotune/memory.h"
 #include "autotune/trainer.h"
+#include "script_mode_support.h"
 #include "test_support.h"
 #include "train/precision.h"
 
@@ -274,4 +275,31 @@ TEST(Cuda, NcclAveragesGradientsOverTwoGpus) {
   EXPECT_EQ(j.at("ranks")[0].at("allreduce_calls"), 4);
   EXPECT_EQ(j.at("ranks")[0].at("params_digest"), j.at("ranks")[1].at("params_digest"))
       << "the ranks hold different parameters: their gradients were not averaged";
+}
+
+// Script mode on the GPU: the LSTM example with --device cuda at a binding budget (85% of its own
+// full-batch fp32 figure). The figure is the client's peak reserved + context; each trial
+// records it beside the host tree's, and the driver's where NVML reads this container's pids.
+TEST(Cuda, ScriptModeTunesTheExampleWithinADeviceBudget) {
+  AUTOTUNE_NEED_CUDA();
+  nlohmann::json first;
+  std::string err;
+  tu::tuned_at_a_binding_budget(
+      "cuda-lstm",
+      {AUTOTUNE_PYTHON, std::string(AUTOTUNE_SOURCE_DIR) + "/examples/scripts/lstm_regressor.py",
+       "--device", "cuda", "--seq-len", "400", "--hidden", "512", "--layers", "3", "--steps", "8",
+       "--global-batch", "128"},
+      128, "cuda", &first, &err);
+  ASSERT_FALSE(first.empty());
+  EXPECT_NE(err.find("the figure is the client's peak reserved + context"), std::string::npos)
+      << err;
+  for (const auto& t : first["trials"]) {
+    if (!t["fits"].get<bool>()) continue;
+    const auto& peaks = t["phase_peaks"];
+    EXPECT_GT(peaks.value("device_client", uint64_t{0}), 0u) << t.dump();
+    EXPECT_GT(peaks.value("host_tree", uint64_t{0}), 0u) << t.dump();
+    EXPECT_EQ(t["peak_bytes"].get<uint64_t>(), std::max(peaks["device_client"].get<uint64_t>(),
+                                                        peaks.value("device_driver", uint64_t{0})))
+        << t.dump();
+  }
 }

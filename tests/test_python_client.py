@@ -135,6 +135,23 @@ print("trained 5 steps")
         self.assertIn("trained 5 steps", r.stdout)
         self.assertEqual(len(steps), 5)
 
+    def test_a_cuda_run_where_torch_sees_no_gpu_is_refused_with_the_fix(self):
+        import torch
+        if torch.cuda.is_available():
+            self.skipTest("this torch sees a GPU; Cuda.ScriptModeTunesTheExampleWithinADeviceBudget "
+                          "covers the device figures there")
+        read_fd, write_fd = os.pipe()
+        env = self.trial_env(write_fd, 2)
+        env.update({"AUTOTUNE_DEVICE": "cuda:0", "AUTOTUNE_DEVICE_BUDGET_BYTES": str(2**30)})
+        r = run_script("import autotune\nautotune.plan(global_batch=32)\nprint('past plan()')",
+                       env, pass_fds=(write_fd,))
+        os.close(write_fd)
+        os.close(read_fd)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertNotIn("past plan()", r.stdout)
+        self.assertIn("--device cuda:0, but its torch sees no CUDA device", r.stderr)
+        self.assertIn("run autotune with --device cpu", r.stderr.splitlines()[-1])
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)

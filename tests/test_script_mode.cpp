@@ -14,10 +14,12 @@
 
 #include <nlohmann/json.hpp>
 
+#include "script_mode_support.h"
 #include "test_support.h"
 
 namespace tu = autotune::testing;
 using tu::join;
+using tu::tuned_at_a_binding_budget;
 
 namespace {
 
@@ -34,45 +36,6 @@ std::string script(const std::string& dir, const std::string& name, const std::s
 }
 
 }  // namespace
-
-// The command's full-batch fp32 peak is measured first (one pinned trial, no limit that binds);
-// the budget is set below it. The run must take at least two trials, keep the global batch,
-// write the profile, train within the budget, and the rerun must reuse the profile with 0 trials.
-static void tuned_at_a_binding_budget(const std::string& name,
-                                      const std::vector<std::string>& command,
-                                      int64_t global_batch) {
-  const std::string store = tu::temp_dir("script-" + name);
-  const std::string batch = std::to_string(global_batch);
-  const nlohmann::json full = tu::json_summary(tu::run_autotune(join(
-      {"probe", "--budget", "8G", "--global-batch", batch, "--micro-batch", batch, "--precision",
-       "fp32", "--checkpointing", "off", "--profile-dir", store + "/full", "--json", "--"},
-      command)));
-  ASSERT_FALSE(full.empty());
-  ASSERT_EQ(full["plan"]["micro_batch"], global_batch) << full.dump();
-  const uint64_t full_peak = full["verified_peak_bytes"].get<uint64_t>();
-  ASSERT_GT(full_peak, 0u);
-  const uint64_t budget = full_peak * 85 / 100;
-  const std::vector<std::string> run =
-      join({"run", "--budget", std::to_string(budget), "--global-batch", batch, "--profile-dir",
-            store + "/tuned", "--json", "--"},
-           command);
-  const tu::ProcessResult first = tu::run_autotune(run);
-  const nlohmann::json a = tu::json_summary(first);
-  ASSERT_FALSE(a.empty()) << first.err;
-  EXPECT_GE(a["trials"].size(), 2u);
-  const auto plan = a["plan"];
-  EXPECT_EQ(plan["micro_batch"].get<int64_t>() * plan["grad_accum"].get<int64_t>(), global_batch);
-  EXPECT_NE(plan, full["plan"]) << "the budget binds: the script's own plan does not fit";
-  EXPECT_LE(a["peak_bytes"].get<uint64_t>(), budget) << "the full run passed the budget";
-  EXPECT_GT(a["samples_per_s"].get<double>(), 0);
-  EXPECT_TRUE(std::filesystem::exists(a["profile"].get<std::string>()));
-
-  const nlohmann::json b = tu::json_summary(tu::run_autotune(run));
-  EXPECT_TRUE(b.value("reused_profile", false));
-  EXPECT_EQ(b["trials"].size(), 0u);
-  EXPECT_EQ(b["plan"], plan);
-  EXPECT_LE(b["peak_bytes"].get<uint64_t>(), budget);
-}
 
 TEST(ScriptMode, ThePlainPyTorchExampleIsTunedAtABindingBudgetAndReused) {
   tuned_at_a_binding_budget(
@@ -147,6 +110,11 @@ while True:
   ASSERT_FALSE(j.empty());
   EXPECT_EQ(j["plan"].value("num_workers", -1), 1) << j["plan"].dump();
   EXPECT_NE(r.err.find("with 2 DataLoader worker(s): Killed at"), std::string::npos) << r.err;
+  // The trial with more workers is in the profile's list, in the reason of the one that fitted.
+  bool kept = false;
+  for (const auto& t : j["trials"])
+    kept |= t["reason"].get<std::string>().find("with 2 worker(s): Killed at") != std::string::npos;
+  EXPECT_TRUE(kept) << j["trials"].dump();
   // The profile keeps the workers; the script run alone with it reads them.
   const tu::ProcessResult alone = tu::run_program(
       AUTOTUNE_PYTHON,
@@ -154,6 +122,49 @@ while True:
       {"AUTOTUNE_PROFILE=" + j["profile"].get<std::string>(),
        "PYTHONPATH=" + std::string(AUTOTUNE_SOURCE_DIR) + "/python"});
   EXPECT_EQ(alone.out, "1\n") << alone.err;
+}
+
+// Where no cgroup can be made (here: switched off), the process tree's proportional set size is
+// polled, and the "trials:" line says so. The script's forked worker holds 10 MiB x micro_batch,
+// which each trial's figure must include (a figure of the script's process alone would not).
+TEST(ScriptMode, WithoutACgroupTheProcessTreeIsPolledAndSaidSo) {
+  const std::string dir = tu::temp_dir("script-polled");
+  const std::string path = script(dir, "tree.py", R"(
+import os, time
+p = autotune.plan(global_batch=16, micro_batch=16)
+if os.fork() == 0:  # a DataLoader worker's share of the data
+    held = bytearray(p.micro_batch * 10 * 2**20)
+    for i in range(0, len(held), 4096):
+        held[i] = 1
+    time.sleep(600)
+    os._exit(0)
+time.sleep(0.3)
+for _ in range(8):
+    time.sleep(0.1)
+    autotune.step(samples=p.micro_batch * p.grad_accum)
+)");
+  const uint64_t budget = 120ull << 20;
+  const tu::ProcessResult r =
+      tu::run_autotune({"run", "--budget", std::to_string(budget), "--profile-dir", dir + "/p",
+                        "--json", "--", AUTOTUNE_PYTHON, path},
+                       {"AUTOTUNE_CGROUPS=off"});
+  const nlohmann::json j = tu::json_summary(r);
+  ASSERT_FALSE(j.empty()) << r.err;
+  EXPECT_NE(r.err.find("no memory cgroup per run (AUTOTUNE_CGROUPS=off): the figure is the "
+                       "process group's proportional set size, polled"),
+            std::string::npos)
+      << r.err;
+  for (const auto& t : j["trials"]) {
+    const int64_t mb = t["plan"]["micro_batch"].get<int64_t>();
+    if (t.value("peak_bytes", uint64_t{0}) > 0)  // the worker's bytes are in the figure
+      EXPECT_GT(t["peak_bytes"].get<uint64_t>(), static_cast<uint64_t>(mb) * (10ull << 20))
+          << t.dump();
+  }
+  const auto plan = j["plan"];
+  EXPECT_EQ(plan["micro_batch"].get<int64_t>() * plan["grad_accum"].get<int64_t>(), 16);
+  EXPECT_LT(plan["micro_batch"].get<int64_t>(), 16) << "160 MiB in the worker alone at 16";
+  EXPECT_GT(j["peak_bytes"].get<uint64_t>(), 0u);
+  EXPECT_LE(j["peak_bytes"].get<uint64_t>(), budget);
 }
 
 // A stop (SIGTERM, Ctrl-C) during the full run reaches the script, which saves its work and

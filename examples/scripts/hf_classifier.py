@@ -45,6 +45,7 @@ def main():
     ap.add_argument("--global-batch", type=int, default=32)
     ap.add_argument("--auto-find-batch-size", action="store_true",
                     help="let Accelerate search the batch instead (no autotune)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (the Trainer's own GPU)")
     ap.add_argument("--output-dir", default=os.environ.get("TMPDIR", "/tmp") + "/hf_classifier")
     args = ap.parse_args()
 
@@ -57,7 +58,7 @@ def main():
     model = BertForSequenceClassification(config)
     data = Tokens(plan.global_batch * args.steps, args.seq_len, config.vocab_size)
     common = dict(output_dir=args.output_dir, max_steps=args.steps, learning_rate=3e-4,
-                  logging_steps=10, save_strategy="no", report_to=[], use_cpu=True,
+                  logging_steps=10, save_strategy="no", report_to=[], use_cpu=args.device == "cpu",
                   disable_tqdm=True)
     if args.auto_find_batch_size:
         training = TrainingArguments(per_device_train_batch_size=args.global_batch,

@@ -4,6 +4,7 @@ with or without it:
 
     python examples/scripts/lstm_regressor.py                      # its own settings
     autotune run --budget 700M -- python examples/scripts/lstm_regressor.py
+    autotune run --budget 4G --device cuda -- python examples/scripts/lstm_regressor.py --device cuda
 
 Synthetic signals (a sum of channel sines with noise, deterministic per sample), so nothing is
 downloaded; the target is each window's mean of the next 10 samples of channel 0.
@@ -67,28 +68,34 @@ def main():
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--global-batch", type=int, default=64)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     args = ap.parse_args()
+    device = torch.device(args.device)
 
     plan = autotune.plan(global_batch=args.global_batch, micro_batch=args.global_batch,
                          precision="fp32", checkpointing=False, num_workers=2)
     torch.manual_seed(0)
-    model = Regressor(args.channels, args.hidden, args.layers)
+    model = Regressor(args.channels, args.hidden, args.layers).to(device)
     model.checkpointing = plan.checkpointing
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     data = Signals(plan.global_batch * args.steps, args.seq_len, args.channels)
     loader = DataLoader(data, batch_size=plan.micro_batch, shuffle=True, drop_last=True,
                         num_workers=plan.num_workers, persistent_workers=plan.num_workers > 0)
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision)
+    # fp16's narrow range needs loss scaling; bf16 and fp32 do not (the scaler is then a no-op).
+    scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16")
 
     model.train()
     step = 0
     for i, (x, y) in enumerate(loader):
-        with torch.autocast("cpu", dtype=low, enabled=low is not None):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=low, enabled=low is not None):
             loss = nn.functional.mse_loss(model(x).float(), y) / plan.grad_accum
-        loss.backward()
+        scaler.scale(loss).backward()
         if (i + 1) % plan.grad_accum:
             continue
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         step += 1
         autotune.step(samples=plan.micro_batch * plan.grad_accum)

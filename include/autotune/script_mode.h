@@ -11,6 +11,8 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -23,11 +25,18 @@
 
 namespace autotune {
 
+class Nvml;  // src/memory/nvml.h
+
 // The contract with python/autotune (the names users' scripts rely on, through the client).
 inline constexpr const char* kScriptPlanEnv = "AUTOTUNE_PLAN";           // the plan, JSON
 inline constexpr const char* kScriptRoleEnv = "AUTOTUNE_ROLE";           // describe | trial | run
 inline constexpr const char* kScriptStepsEnv = "AUTOTUNE_TRIAL_STEPS";   // a trial's steps
 inline constexpr const char* kScriptReportFdEnv = "AUTOTUNE_REPORT_FD";  // JSON lines to autotune
+// On an accelerator: the device (cuda:N), the budget, and the device memory in use outside the
+// command when it started (other processes, autotune's own context), which is not its own.
+inline constexpr const char* kScriptDeviceEnv = "AUTOTUNE_DEVICE";
+inline constexpr const char* kScriptDeviceBudgetEnv = "AUTOTUNE_DEVICE_BUDGET_BYTES";
+inline constexpr const char* kScriptDeviceOutsideEnv = "AUTOTUNE_DEVICE_OUTSIDE_BYTES";
 
 // What the command's autotune.plan() call declared, asked once before the first trial.
 struct ScriptInfo {
@@ -40,7 +49,10 @@ struct ScriptInfo {
 
 struct ScriptOptions {
   std::vector<std::string> command;  // argv of the user's command
-  uint64_t budget_bytes = 0;         // each run's memory cgroup limit (0: none)
+  uint64_t budget_bytes = 0;         // each run's memory cgroup limit: the host budget (0: none)
+  // On an accelerator, the budget of its memory: the client keeps the caching allocator under
+  // it and reports peak reserved + context, which the driver's figure (NVML) cross-checks.
+  uint64_t device_budget_bytes = 0;
   // A command that reports no step for this long is stopped: it never calls autotune.step().
   std::chrono::seconds step_timeout{600};
   const std::atomic<int>* stop_signal = nullptr;  // the user's Ctrl-C: the child is stopped
@@ -52,11 +64,15 @@ struct ScriptOptions {
 
 // One run of the command: a trial, or the full run.
 struct ScriptRun {
-  int exit_code = 0;          // 128 + signal where a signal ended it
-  bool killed = false;        // killed by the kernel (its cgroup's limit, or the machine's)
-  bool oom = false;           // it said it ran out of memory (Python MemoryError, torch's OOM)
-  uint64_t peak_bytes = 0;    // its process tree's peak: the cgroup's, else polled PSS
-  nlohmann::json plan_event;  // what plan() reported (null: it never called autotune.plan())
+  int exit_code = 0;               // 128 + signal where a signal ended it
+  bool killed = false;             // killed by the kernel (its cgroup's limit, or the machine's)
+  bool oom = false;                // it said it ran out of memory (Python MemoryError, torch's OOM)
+  uint64_t peak_bytes = 0;         // the budget figure: host_peak_bytes, or on an accelerator the
+                                   // larger of device_peak_bytes and driver_peak_bytes
+  uint64_t host_peak_bytes = 0;    // its process tree's peak: the cgroup's, else polled PSS
+  uint64_t device_peak_bytes = 0;  // the client's: peak reserved + context, over its steps
+  uint64_t driver_peak_bytes = 0;  // NVML's, polled, for its process group (0: not read)
+  nlohmann::json plan_event;       // what plan() reported (null: it never called autotune.plan())
   std::vector<nlohmann::json> steps;  // its step reports, in order
   std::string last_line;              // the last line of its output (trials and describe)
   double process_s = 0;               // start to exit
@@ -70,6 +86,7 @@ struct ScriptRun {
 class ScriptTrials : public TrialRunner {
  public:
   explicit ScriptTrials(ScriptOptions options);
+  ~ScriptTrials() override;
 
   // Runs the command once to its autotune.plan() call. Throws RuntimeError with one line when it
   // fails before that or never calls it.
@@ -90,12 +107,19 @@ class ScriptTrials : public TrialRunner {
 
   int processes() const { return processes_; }
   const std::string& containment() const { return containment_; }
+  // How the accelerator's figure is cross-checked (NVML), for the "trials:" line; empty on CPU.
+  const std::string& device_check() const { return device_check_; }
   // The command as one line, for messages.
   std::string command_line() const;
 
  private:
   enum class Role { describe, trial, run };
   ScriptRun spawn(Role role, const Plan* plan, int64_t steps, bool limit);
+  // The accelerator's entries of the command's environment (none on the CPU).
+  std::vector<std::string> device_environment();
+  // A run's figures once it ended: the host tree's (its cgroup's, removed here, else the polled
+  // one), the device's, and the budget figure.
+  void settle_figures(ScriptRun& r, const std::string& cgroup, uint64_t polled_peak_bytes);
   // One trial of exactly `plan` (run() may lower its workers after it).
   Trial trial_of(const Plan& plan, const ProbeOptions& probe);
   // The plan's trial (`steps` optimizer steps), checked for a command that ignores the plan.
@@ -107,6 +131,11 @@ class ScriptTrials : public TrialRunner {
   int64_t workers_cap_ = -1;  // the fewest DataLoader workers a fitting plan needed (-1: none)
   std::optional<TrialCgroups> cgroups_;
   std::string containment_;
+  std::unique_ptr<Nvml> nvml_;  // on an accelerator where the driver's library loads
+  std::string device_check_;
+  bool driver_above_said_ = false;
+  std::map<Precision, double> speeds_;          // precision_speed's answers
+  uint64_t device_outside_bytes_ = UINT64_MAX;  // device memory in use before a command started
   uint64_t baseline_bytes_ = 0;
   int processes_ = 0;
 };

@@ -31,6 +31,12 @@ ENV_ROLE = "AUTOTUNE_ROLE"  # "describe" (say what plan() declares, leave), "tri
 ENV_TRIAL_STEPS = "AUTOTUNE_TRIAL_STEPS"  # a trial exits 0 after this many optimizer steps
 ENV_REPORT_FD = "AUTOTUNE_REPORT_FD"  # JSON lines to autotune: the declared knobs, each step
 ENV_PROFILE = "AUTOTUNE_PROFILE"  # standalone: the profile whose plan to use
+# `autotune --device cuda[:N]`: the device whose memory the budget is about, the budget in bytes,
+# and the device memory in use outside this process when autotune started it (other processes,
+# autotune's own context), which is not this process's.
+ENV_DEVICE = "AUTOTUNE_DEVICE"
+ENV_DEVICE_BUDGET = "AUTOTUNE_DEVICE_BUDGET_BYTES"
+ENV_DEVICE_OUTSIDE = "AUTOTUNE_DEVICE_OUTSIDE_BYTES"
 
 
 class Plan:
@@ -66,6 +72,7 @@ class _State:
     steps = 0
     report = None  # a file object on AUTOTUNE_REPORT_FD
     trial_steps = 0
+    guard = None  # a _DeviceGuard under `autotune --device cuda`
 
 
 def _fail(message):
@@ -132,6 +139,10 @@ def plan(global_batch, micro_batch=None, precision=None, checkpointing=None, **k
         result = Plan(p["micro_batch"], p["grad_accum"], p["precision"], p["checkpointing"],
                       chosen)
         _State.trial_steps = int(os.environ.get(ENV_TRIAL_STEPS, "0") or 0)
+        if os.environ.get(ENV_DEVICE, "").startswith("cuda"):
+            _State.guard = _DeviceGuard(os.environ[ENV_DEVICE],
+                                        int(os.environ.get(ENV_DEVICE_BUDGET, "0") or 0),
+                                        int(os.environ.get(ENV_DEVICE_OUTSIDE, "0") or 0))
         _report({"event": "plan", "declared": knobs, "applies": declared, "pid": os.getpid()})
     elif os.environ.get(ENV_PROFILE):
         result = _from_profile(os.environ[ENV_PROFILE], knobs)
@@ -142,13 +153,56 @@ def plan(global_batch, micro_batch=None, precision=None, checkpointing=None, **k
     return result
 
 
-def _device_peak_bytes():
-    """The CUDA caching allocator's peak reserved bytes, where the script uses CUDA."""
+class _DeviceGuard:
+    """The budget on a CUDA device, as autotune's own trainer keeps it (src/memory/cuda_memory.cpp):
+    the figure is the caching allocator's peak reserved bytes plus the context (what the driver
+    charges this process beyond them: total - free - reserved - what was in use outside it), and
+    the allocator's per-process memory fraction is (budget - context) / total, so an allocation
+    past the budget raises torch.OutOfMemoryError instead of reaching the device's limit. The
+    context grows as kernels load, so it is measured again after each step and the fraction
+    follows it."""
+
+    def __init__(self, device, budget_bytes, outside_bytes):
+        import torch
+        if not torch.cuda.is_available():
+            raise RuntimeError("autotune runs this script with --device %s, but its torch sees no "
+                               "CUDA device (torch %s); run autotune with --device cpu, or install "
+                               "a CUDA build of torch" % (device, torch.__version__))
+        self.torch = torch
+        self.index = torch.device(device).index
+        if self.index is None:
+            self.index = torch.cuda.current_device()
+        self.budget_bytes, self.outside_bytes = budget_bytes, outside_bytes
+        self.context_bytes = 0
+        self.measure()
+
+    def measure(self):
+        """The context now; the fraction set again where it grew."""
+        cuda = self.torch.cuda
+        free, total = cuda.mem_get_info(self.index)  # initialises the context the first time
+        context = max(0, total - free - cuda.memory_reserved(self.index) - self.outside_bytes)
+        if context > self.context_bytes or self.context_bytes == 0:
+            self.context_bytes = context
+            if self.budget_bytes > 0:
+                allocator = max(0, self.budget_bytes - context)
+                cuda.set_per_process_memory_fraction(min(1.0, allocator / total), self.index)
+
+    def figures(self):
+        self.measure()
+        return {"device_peak_reserved_bytes": int(self.torch.cuda.max_memory_reserved(self.index)),
+                "device_context_bytes": int(self.context_bytes)}
+
+
+def _device_figures():
+    """The device's figures where the script uses CUDA: under `--device cuda` the guard's, else
+    the caching allocator's peak reserved bytes where the script initialised CUDA itself."""
+    if _State.guard is not None:
+        return _State.guard.figures()
     import sys
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return None
-    return int(torch.cuda.max_memory_reserved())
+        return {}
+    return {"device_peak_reserved_bytes": int(torch.cuda.max_memory_reserved())}
 
 
 def step(samples, tokens=None):
@@ -161,9 +215,7 @@ def step(samples, tokens=None):
               "time": time.monotonic()}
     if tokens is not None:
         record["tokens"] = int(tokens)
-    peak = _device_peak_bytes()
-    if peak is not None:
-        record["device_peak_reserved_bytes"] = peak
+    record.update(_device_figures())
     _report(record)
     if os.environ.get(ENV_ROLE) == "trial" and _State.trial_steps and \
             _State.steps >= _State.trial_steps:

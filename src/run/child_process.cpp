@@ -121,14 +121,20 @@ uint64_t pss_of(const std::string& pid) {
 }
 }  // namespace
 
-uint64_t group_pss_bytes(pid_t pgid) {
-  uint64_t total = 0;
+std::vector<pid_t> group_pids(pid_t pgid) {
+  std::vector<pid_t> pids;
   std::error_code ec;
   for (const auto& e : std::filesystem::directory_iterator("/proc", ec)) {
     const std::string name = e.path().filename().string();
     if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
-    if (process_group_of(name) == pgid) total += pss_of(name);
+    if (process_group_of(name) == pgid) pids.push_back(static_cast<pid_t>(std::stol(name)));
   }
+  return pids;
+}
+
+uint64_t group_pss_bytes(pid_t pgid) {
+  uint64_t total = 0;
+  for (const pid_t pid : group_pids(pgid)) total += pss_of(std::to_string(pid));
   return total;
 }
 

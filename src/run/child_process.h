@@ -40,5 +40,7 @@ uint64_t rss_of(pid_t pid);
 // Proportional set size of every process in process group `pgid`: what the group holds, each
 // shared page counted once (forked workers share their parent's pages). 0 once it is gone.
 uint64_t group_pss_bytes(pid_t pgid);
+// The processes of process group `pgid` (from /proc).
+std::vector<pid_t> group_pids(pid_t pgid);
 
 }  // namespace autotune

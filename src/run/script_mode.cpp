@@ -21,7 +21,9 @@
 #include <spdlog/spdlog.h>
 
 #include "autotune/errors.h"
+#include "autotune/memory.h"
 #include "autotune/size.h"
+#include "memory/nvml.h"
 #include "run/child_process.h"
 #include "util/hash.h"
 
@@ -48,14 +50,16 @@ std::string client_dir() {
 // autotune the plan comes from AUTOTUNE_PLAN).
 bool set_by_autotune(const std::string& entry) {
   for (const char* name :
-       {kScriptPlanEnv, kScriptRoleEnv, kScriptStepsEnv, kScriptReportFdEnv, "AUTOTUNE_PROFILE"})
+       {kScriptPlanEnv, kScriptRoleEnv, kScriptStepsEnv, kScriptReportFdEnv, kScriptDeviceEnv,
+        kScriptDeviceBudgetEnv, kScriptDeviceOutsideEnv, "AUTOTUNE_PROFILE"})
     if (entry.rfind(std::string(name) + "=", 0) == 0) return true;
   return false;
 }
 
 // The child's environment: this process's, less what autotune sets for it, plus the role, the
-// plan, the report pipe and the client on PYTHONPATH.
-std::vector<std::string> child_environment(const char* role, const Plan* plan, int64_t steps) {
+// plan, the report pipe, the client on PYTHONPATH and `extra` (the accelerator's entries).
+std::vector<std::string> child_environment(const char* role, const Plan* plan, int64_t steps,
+                                           const std::vector<std::string>& extra) {
   std::vector<std::string> env;
   std::string pythonpath = client_dir();
   for (char** e = environ; *e; ++e) {
@@ -79,6 +83,7 @@ std::vector<std::string> child_environment(const char* role, const Plan* plan, i
     env.push_back(std::string(kScriptPlanEnv) + "=" + p.dump());
   }
   if (steps > 0) env.push_back(std::string(kScriptStepsEnv) + "=" + std::to_string(steps));
+  env.insert(env.end(), extra.begin(), extra.end());
   return env;
 }
 
@@ -145,6 +150,15 @@ bool says_out_of_memory(const std::string& text) {
   return false;
 }
 
+// The largest figure a key names over a run's step reports (0: none reported it).
+uint64_t max_over_steps(const std::vector<nlohmann::json>& steps, const char* key,
+                        const char* plus = nullptr) {
+  uint64_t m = 0;
+  for (const auto& s : steps)
+    m = std::max(m, s.value(key, uint64_t{0}) + (plus ? s.value(plus, uint64_t{0}) : 0));
+  return m;
+}
+
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -164,7 +178,23 @@ ScriptTrials::ScriptTrials(ScriptOptions options) : opt_(std::move(options)) {
                 "): the figure is the process group's proportional set size, polled every "
                 "50 ms (a spike between two polls is missed), and nothing contains a run "
                 "that grows past the budget but the kernel";
+  if (!opt_.device.is_cpu()) {
+    std::string why;
+    nvml_ = Nvml::open(&why);
+    device_check_ =
+        "on " + opt_.device.str() +
+        " the figure is the client's peak reserved + context (the caching allocator capped at "
+        "the budget), " +
+        (nvml_ ? "cross-checked with the driver's per-process figure (NVML): the larger counts"
+               : "not cross-checked: " + why);
+    // The speed test loads the device's matmul libraries into this process, which holds them
+    // while the commands run: done before the first command starts, they are part of what is
+    // in use outside every command (device_environment), never charged to one.
+    for (const Precision p : {Precision::bf16, Precision::fp16}) precision_speed(p);
+  }
 }
+
+ScriptTrials::~ScriptTrials() = default;
 
 std::string ScriptTrials::command_line() const {
   std::string s;
@@ -174,13 +204,26 @@ std::string ScriptTrials::command_line() const {
   return s;
 }
 
+std::vector<std::string> ScriptTrials::device_environment() {
+  if (opt_.device.is_cpu()) return {};
+  // What is in use on the device before the command starts is not the command's. The least
+  // seen so far: memory a killed trial held may not be back yet when the next one starts, and
+  // counting too little outside charges the command more, never less.
+  const DeviceMemoryInfo d = device_memory_info(opt_.device);
+  device_outside_bytes_ = std::min(device_outside_bytes_,
+                                   d.total_bytes > d.free_bytes ? d.total_bytes - d.free_bytes : 0);
+  return {std::string(kScriptDeviceEnv) + "=" + opt_.device.str(),
+          std::string(kScriptDeviceBudgetEnv) + "=" + std::to_string(opt_.device_budget_bytes),
+          std::string(kScriptDeviceOutsideEnv) + "=" + std::to_string(device_outside_bytes_)};
+}
+
 ScriptRun ScriptTrials::spawn(Role role, const Plan* plan, int64_t steps, bool limit) {
   const char* role_name = role == Role::describe ? "describe"
                           : role == Role::trial  ? "trial"
                                                  : "run";
   const bool captured = role != Role::run;  // a run's output is the user's to see
   std::vector<std::string> args = opt_.command;
-  std::vector<std::string> env = child_environment(role_name, plan, steps);
+  std::vector<std::string> env = child_environment(role_name, plan, steps, device_environment());
   std::vector<char*> argv = c_strings(args), envp = c_strings(env);
   int report[2];
   if (::pipe2(report, O_CLOEXEC) != 0)
@@ -223,6 +266,9 @@ ScriptRun ScriptTrials::spawn(Role role, const Plan* plan, int64_t steps, bool l
     const pid_t w = ::waitpid(pid, &status, WNOHANG);
     if (w == pid || (w < 0 && errno != EINTR)) break;
     if (cgroup.empty() && tick % 3 == 0) polled_peak = std::max(polled_peak, group_pss_bytes(pid));
+    if (nvml_ && tick % 3 == 0)
+      if (const auto used = nvml_->used_bytes(group_pids(pid)))
+        r.driver_peak_bytes = std::max(r.driver_peak_bytes, *used);
     if (opt_.stop_signal && opt_.stop_signal->load() != 0 && !stop) {
       stop = opt_.stop_signal->load();
       // The full run is the user's training: it gets the signal, to save what it has, and is
@@ -251,13 +297,7 @@ ScriptRun ScriptTrials::spawn(Role role, const Plan* plan, int64_t steps, bool l
     ::close(log_fd);
     r.last_line = last_line(log);
   }
-  if (!cgroup.empty()) {
-    r.peak_bytes = cgroups_->peak_bytes(cgroup);
-    if (cgroups_->oom_kills(cgroup) > 0) r.killed = true;  // a worker, or the command itself
-    cgroups_->remove(cgroup);
-  } else {
-    r.peak_bytes = polled_peak;
-  }
+  settle_figures(r, cgroup, polled_peak);
   r.oom = !r.killed && r.exit_code != 0 && says_out_of_memory(log);
   if (stop)
     throw StoppedBySignal(
@@ -270,6 +310,35 @@ ScriptRun ScriptTrials::spawn(Role role, const Plan* plan, int64_t steps, bool l
         (r.last_line.empty() ? std::string() : " (its last line: " + r.last_line + ")") +
         "; call autotune.step(samples) after each optimizer step");
   return r;
+}
+
+void ScriptTrials::settle_figures(ScriptRun& r, const std::string& cgroup,
+                                  uint64_t polled_peak_bytes) {
+  if (!cgroup.empty()) {
+    r.host_peak_bytes = cgroups_->peak_bytes(cgroup);
+    if (cgroups_->oom_kills(cgroup) > 0) r.killed = true;  // a worker, or the command itself
+    cgroups_->remove(cgroup);
+  } else {
+    r.host_peak_bytes = polled_peak_bytes;
+  }
+  if (opt_.device.is_cpu()) {
+    r.peak_bytes = r.host_peak_bytes;
+    return;
+  }
+  r.device_peak_bytes =
+      max_over_steps(r.steps, "device_peak_reserved_bytes", "device_context_bytes");
+  r.peak_bytes = std::max(r.device_peak_bytes, r.driver_peak_bytes);
+  // The driver charges the process more than the client counts: something outside the caching
+  // allocator (a second library's allocator, NCCL buffers). The larger figure is the one used.
+  const uint64_t slack = std::max<uint64_t>(64ull << 20, r.device_peak_bytes / 20);
+  if (r.driver_peak_bytes > r.device_peak_bytes + slack && !driver_above_said_) {
+    driver_above_said_ = true;
+    spdlog::warn(
+        "the driver charges {} to {} on {}, the client's figure (peak reserved + context) is "
+        "{}: memory outside PyTorch's caching allocator; the driver's figure is the one used",
+        format_bytes(r.driver_peak_bytes), command_line(), opt_.device.str(),
+        format_bytes(r.device_peak_bytes));
+  }
 }
 
 double ScriptRun::samples_per_s(double* wall_s) const {
@@ -332,6 +401,13 @@ ScriptRun ScriptTrials::checked_trial(const Plan& plan, int64_t steps, bool limi
     throw RuntimeError(command_line() + " ended after " + std::to_string(r.steps.size()) +
                        " optimizer step(s); a trial runs " + std::to_string(steps) +
                        ": give it data (or epochs) for at least that many");
+  // On an accelerator a command that trains elsewhere would be measured at its context alone.
+  if (!opt_.device.is_cpu() && r.exit_code == 0 &&
+      max_over_steps(r.steps, "device_peak_reserved_bytes") == 0)
+    throw RuntimeError(command_line() + " allocated nothing on " + opt_.device.str() +
+                       " in its trial: it trains elsewhere; give --device cpu (the budget is then "
+                       "host memory) or put its model and batches on " +
+                       opt_.device.str());
   return r;
 }
 
@@ -346,14 +422,17 @@ Trial ScriptTrials::run(const Plan& plan, const ProbeOptions& probe) {
   int64_t workers = tried.num_workers >= 0         ? tried.num_workers
                     : declared.is_number_integer() ? declared.get<int64_t>()
                                                    : 0;
+  std::string lowered;  // what the trials with more workers met, for the profile's trial list
   while (workers > 0 && (t.killed || t.oom || (!t.fits && !t.error))) {
     spdlog::info("trial    {} with {} DataLoader worker(s): {}; again with {}", plan.describe(),
                  workers, t.reason, workers / 2);
+    lowered += "; with " + std::to_string(workers) + " worker(s): " + t.reason;
     workers /= 2;
     tried.num_workers = workers;
     t = trial_of(tried, probe);
     if (t.fits) workers_cap_ = workers;
   }
+  t.reason += lowered;
   return t;
 }
 
@@ -363,12 +442,16 @@ Trial ScriptTrials::trial_of(const Plan& plan, const ProbeOptions& probe) {
   Trial t;
   t.plan = plan;
   t.peak_bytes = r.peak_bytes;
+  if (!opt_.device.is_cpu())
+    t.phase_peaks = {{"host_tree", r.host_peak_bytes},
+                     {"device_client", r.device_peak_bytes},
+                     {"device_driver", r.driver_peak_bytes}};
   t.process_s = r.process_s;
   t.steps_run = static_cast<int64_t>(r.steps.size());
   t.tokens_per_s = r.samples_per_s(&t.wall_s);
   if (r.killed) {
     t.killed = true;
-    t.reason = "Killed at " + format_bytes(r.peak_bytes) + " by the kernel" +
+    t.reason = "Killed at " + format_bytes(r.host_peak_bytes) + " by the kernel" +
                (cgroups_ ? " (its memory cgroup's limit, or the machine's)" : "");
   } else if (r.oom) {
     t.oom = true;
@@ -400,7 +483,9 @@ std::vector<std::vector<double>> ScriptTrials::retime(const std::vector<Trial>& 
 
 double ScriptTrials::precision_speed(Precision precision) {
   if (precision == Precision::fp32) return 1.0;
-  return matmul_speed_vs_fp32(opt_.device, precision);
+  const auto known = speeds_.find(precision);
+  if (known != speeds_.end()) return known->second;
+  return speeds_[precision] = matmul_speed_vs_fp32(opt_.device, precision);
 }
 
 std::optional<uint64_t> ScriptTrials::need_bytes(const Plan& plan, const ProbeOptions& probe) {
@@ -418,7 +503,7 @@ ScriptRun ScriptTrials::train(const Plan& plan) {
   check_follows(r, plan);
   if (r.killed)
     throw RuntimeError(command_line() + " was killed by the kernel at " +
-                       format_bytes(r.peak_bytes) + " in the full run (its trials fitted): " +
+                       format_bytes(r.host_peak_bytes) + " in the full run (its trials fitted): " +
                        "give --margin more room, or probe again with --reprobe");
   if (r.exit_code != 0)
     throw RuntimeError(command_line() + " exited with code " + std::to_string(r.exit_code) +

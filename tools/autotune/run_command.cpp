@@ -406,7 +406,10 @@ ProbeOptions probe_options(const RunContext& ctx) {
 ScriptOptions script_options(const RunContext& ctx) {
   ScriptOptions o;
   o.command = ctx.spec().script;
-  o.budget_bytes = *ctx.budget_bytes();
+  // On an accelerator the budget is the device's; the host budget then bounds the cgroup.
+  o.budget_bytes =
+      ctx.device().is_cpu() ? *ctx.budget_bytes() : ctx.host_budget_bytes().value_or(0);
+  o.device_budget_bytes = ctx.device().is_cpu() ? 0 : *ctx.budget_bytes();
   o.stop_signal = &RunContext::stop_signal();
   o.device = ctx.device();
   o.step_timeout = std::chrono::seconds(ctx.spec().step_timeout_s);
@@ -420,6 +423,7 @@ int script_command(RunContext& ctx) {
   const RunSpec& spec = ctx.spec();
   ScriptTrials trials(script_options(ctx));
   spdlog::info("trials: {}", trials.containment());
+  if (!trials.device_check().empty()) spdlog::info("trials: {}", trials.device_check());
   const ScriptInfo info = trials.describe();
   auto& workload = dynamic_cast<ScriptWorkload&>(ctx.workload());
   workload.set_info(info);
