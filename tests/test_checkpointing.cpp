@@ -3,7 +3,7 @@
 #include <gtest/gtest.h>
 
 #include "autotune/gpt.h"
-#include "train/precision.h"
+#include "models/precision.h"
 
 using namespace autotune;
 

@@ -19,9 +19,9 @@
 #include "autotune/gpt_workload.h"
 #include "autotune/memory.h"
 #include "autotune/trainer.h"
+#include "models/precision.h"
 #include "script_mode_support.h"
 #include "test_support.h"
-#include "train/precision.h"
 
 namespace tu = autotune::testing;
 using namespace autotune;

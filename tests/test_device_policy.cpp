@@ -7,8 +7,8 @@
 
 #include "autotune/machine.h"
 #include "autotune/trainer.h"
+#include "models/precision.h"
 #include "test_support.h"
-#include "train/precision.h"
 
 namespace tu = autotune::testing;
 using namespace autotune;

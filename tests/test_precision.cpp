@@ -5,8 +5,8 @@
 
 #include "autotune/gpt_workload.h"
 #include "autotune/trainer.h"
+#include "models/precision.h"
 #include "test_support.h"
-#include "train/precision.h"
 
 namespace tu = autotune::testing;
 

@@ -12,8 +12,8 @@
 #include "autotune/trainer.h"
 #include "autotune/tuner.h"
 #include "memory/cpu_allocator.h"
+#include "models/precision.h"
 #include "test_support.h"
-#include "train/precision.h"
 
 namespace tu = autotune::testing;
 using namespace autotune;

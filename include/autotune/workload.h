@@ -11,18 +11,13 @@
 #include <nlohmann/json.hpp>
 
 #include "autotune/plan.h"
+#include "autotune/splitmix.h"
 
 namespace autotune {
 
-// splitmix64: a cheap, well-mixed hash. Workloads place a sample by hashing its coordinates
-// (seed, stream, index in the global batch), so any split of a batch sees the same samples.
-inline uint64_t splitmix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
-// Where sample `index` of `stream` goes, for a seed.
+// Where sample `index` of `stream` goes, for a seed. Workloads place a sample by hashing its
+// coordinates (seed, stream, index in the global batch), so any split of a batch sees the same
+// samples.
 inline uint64_t sample_hash(uint64_t seed, uint64_t stream, int64_t index) {
   return splitmix64(seed ^ splitmix64(stream ^ splitmix64(static_cast<uint64_t>(index))));
 }

@@ -12,7 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "autotune/errors.h"
-#include "autotune/workload.h"
+#include "autotune/splitmix.h"
 #include "util/atomic_file.h"
 
 namespace autotune {

@@ -31,7 +31,7 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include "autotune/errors.h"
-#include "run/child_process.h"
+#include "util/c_strings.h"
 
 extern char** environ;
 

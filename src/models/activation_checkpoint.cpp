@@ -2,7 +2,7 @@
 
 #include <ATen/autocast_mode.h>
 
-#include "train/precision.h"
+#include "models/precision.h"
 
 namespace autotune {
 

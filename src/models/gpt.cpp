@@ -8,7 +8,7 @@
 #include <set>
 
 #include "autotune/errors.h"
-#include "train/precision.h"
+#include "models/precision.h"
 
 namespace autotune {
 

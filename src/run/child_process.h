@@ -8,10 +8,9 @@
 #include <string>
 #include <vector>
 
-namespace autotune {
+#include "util/c_strings.h"
 
-// argv/envp for exec: pointers into `v` (which must outlive them), null-terminated.
-std::vector<char*> c_strings(std::vector<std::string>& v);
+namespace autotune {
 
 // An anonymous in-memory file (close-on-exec) for a child's output; throws RuntimeError.
 int make_memfd(const char* name);

@@ -18,10 +18,6 @@ namespace autotune {
 void print_table(const std::string& title,
                  const std::vector<std::pair<std::string, std::string>>& rows, bool always = false);
 
-// One line from Workload::data_report(): "pread, cache 93.1% hit (1210/1300), 1.90 MiB of
-// 2.00 MiB, prefetch 1: 98.0% hit"; empty for null.
-std::string describe_data_report(const nlohmann::json& report);
-
 // The one live line of a terminal (a progress bar), kept under the log lines: every log message
 // clears it, prints, and draws it again. Only where stderr is a terminal, NO_COLOR is unset and
 // --json is not given (live_line::enabled); elsewhere nothing is ever redrawn, so output to a

@@ -16,9 +16,9 @@
 #include "autotune/tuner.h"
 #include "autotune/workload_registry.h"
 #include "memory/cpu_allocator.h"
+#include "models/precision.h"
 #include "run/reporter.h"
 #include "train/fault_injection.h"
-#include "train/precision.h"
 #include "train/step_log.h"
 
 namespace autotune {

@@ -3,8 +3,8 @@
 #include <spdlog/spdlog.h>
 
 #include "autotune/size.h"
+#include "data/data_report.h"
 #include "memory/cpu_allocator.h"
-#include "run/reporter.h"
 
 namespace autotune {
 

@@ -18,8 +18,8 @@
 #include "autotune/distributed.h"
 #include "autotune/errors.h"
 #include "memory/cpu_allocator.h"
+#include "models/precision.h"
 #include "train/optimizer.h"
-#include "train/precision.h"
 #include "util/hash.h"
 
 namespace autotune {

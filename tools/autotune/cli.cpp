@@ -330,6 +330,70 @@ int split_at_dashes(int argc, char** argv, int first, std::vector<std::string>* 
   return argc;
 }
 
+// argv[first, end) parsed by `options`, with `--resume auto` joined (cxxopts takes an optional
+// value only as --resume=auto) and an unknown flag named with the closest real one.
+cxxopts::ParseResult parse_flags(cxxopts::Options& options, const std::string& command, char** argv,
+                                 int first, int end) {
+  std::vector<char*> args = {argv[0]};
+  // cxxopts takes an optional value only as --resume=auto; `--resume auto` is what people type.
+  static char resume_auto[] = "--resume=auto";
+  for (int i = first; i < end; ++i) {
+    if (std::strcmp(argv[i], "--resume") == 0 && i + 1 < end &&
+        std::strcmp(argv[i + 1], "auto") == 0) {
+      args.push_back(resume_auto);
+      ++i;
+      continue;
+    }
+    args.push_back(argv[i]);
+  }
+  try {
+    return options.parse(static_cast<int>(args.size()), args.data());
+  } catch (const cxxopts::exceptions::no_such_option& e) {
+    // "Option ‘xyz’ does not exist": name the closest real one.
+    std::string what = e.what(), flag;
+    auto a = what.find("\xe2\x80\x98"), b = what.find("\xe2\x80\x99");
+    size_t quote = 3;
+    if (a == std::string::npos) {  // cxxopts' plain quotes where it has no Unicode ones
+      a = what.find('\'');
+      b = what.find('\'', a + 1);
+      quote = 1;
+    }
+    if (a != std::string::npos && b != std::string::npos && b > a)
+      flag = what.substr(a + quote, b - a - quote);
+    std::vector<std::string> names;
+    for (const auto& g : options.groups())
+      for (const auto& o : options.group_help(g).options)
+        for (const auto& l : o.l) names.push_back(l);
+    const std::string near = closest(flag, names);
+    throw UsageError("unknown option --" + flag +
+                     (near.empty() ? "" : ": did you mean --" + near + "?") + " (see autotune " +
+                     command + " --help)");
+  }
+}
+
+// --nproc N: N local ranks, each this command again without --nproc (in a launcher's
+// environment instead).
+int launch_nproc(const RunSpec& spec, int argc, char** argv) {
+  if (std::getenv("WORLD_SIZE"))
+    throw UsageError("--nproc " + std::to_string(spec.nproc) +
+                     " inside a launcher that set WORLD_SIZE: give one of them");
+  // Checked once here, not once per rank.
+  if (spec.global_batch) check_splits_over_ranks(*spec.global_batch, spec.nproc);
+  std::vector<std::string> rank_argv;
+  for (int i = 0; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--nproc") {
+      ++i;
+      continue;
+    }
+    if (a.rfind("--nproc=", 0) == 0) continue;
+    rank_argv.push_back(a);
+  }
+  setenv("AUTOTUNE_LAUNCH_COMMAND", spec.command_line.c_str(), 1);
+  return launch_local_ranks(static_cast<int>(spec.nproc), rank_argv,
+                            std::chrono::seconds(spec.dist_timeout_s));
+}
+
 int dispatch(int argc, char** argv) {
   std::string command = "run";
   int first = 1;
@@ -355,44 +419,9 @@ int dispatch(int argc, char** argv) {
 
   cxxopts::Options options("autotune " + command, kUsage);
   add_common(options);
-  std::vector<char*> args = {argv[0]};
   std::vector<std::string> script;
   const int end = split_at_dashes(argc, argv, first, &script);
-  // cxxopts takes an optional value only as --resume=auto; `--resume auto` is what people type.
-  static char resume_auto[] = "--resume=auto";
-  for (int i = first; i < end; ++i) {
-    if (std::strcmp(argv[i], "--resume") == 0 && i + 1 < argc &&
-        std::strcmp(argv[i + 1], "auto") == 0) {
-      args.push_back(resume_auto);
-      ++i;
-      continue;
-    }
-    args.push_back(argv[i]);
-  }
-  cxxopts::ParseResult result;
-  try {
-    result = options.parse(static_cast<int>(args.size()), args.data());
-  } catch (const cxxopts::exceptions::no_such_option& e) {
-    // "Option ‘xyz’ does not exist": name the closest real one.
-    std::string what = e.what(), flag;
-    auto a = what.find("\xe2\x80\x98"), b = what.find("\xe2\x80\x99");
-    size_t quote = 3;
-    if (a == std::string::npos) {  // cxxopts' plain quotes where it has no Unicode ones
-      a = what.find('\'');
-      b = what.find('\'', a + 1);
-      quote = 1;
-    }
-    if (a != std::string::npos && b != std::string::npos && b > a)
-      flag = what.substr(a + quote, b - a - quote);
-    std::vector<std::string> names;
-    for (const auto& g : options.groups())
-      for (const auto& o : options.group_help(g).options)
-        for (const auto& l : o.l) names.push_back(l);
-    const std::string near = closest(flag, names);
-    throw UsageError("unknown option --" + flag +
-                     (near.empty() ? "" : ": did you mean --" + near + "?") + " (see autotune " +
-                     command + " --help)");
-  }
+  const cxxopts::ParseResult result = parse_flags(options, command, argv, first, end);
   if (!result.unmatched().empty())
     throw UsageError("unexpected argument '" + result.unmatched()[0] + "'; see autotune --help");
   if (result.count("help")) {
@@ -409,27 +438,7 @@ int dispatch(int argc, char** argv) {
   if (spec.json) live_line::set_enabled(false);  // plain lines beside a machine-read stdout
   if (spec.quiet) spdlog::set_level(spdlog::level::warn);
   if (spec.verbose) spdlog::set_level(spdlog::level::debug);
-  if (spec.nproc > 1) {
-    if (std::getenv("WORLD_SIZE"))
-      throw UsageError("--nproc " + std::to_string(spec.nproc) +
-                       " inside a launcher that set WORLD_SIZE: give one of them");
-    // Checked once here, not once per rank.
-    if (spec.global_batch) check_splits_over_ranks(*spec.global_batch, spec.nproc);
-    // The ranks run this command again without --nproc (a launcher's environment instead).
-    std::vector<std::string> rank_argv;
-    for (int i = 0; i < argc; ++i) {
-      const std::string a = argv[i];
-      if (a == "--nproc") {
-        ++i;
-        continue;
-      }
-      if (a.rfind("--nproc=", 0) == 0) continue;
-      rank_argv.push_back(a);
-    }
-    setenv("AUTOTUNE_LAUNCH_COMMAND", spec.command_line.c_str(), 1);
-    return launch_local_ranks(static_cast<int>(spec.nproc), rank_argv,
-                              std::chrono::seconds(spec.dist_timeout_s));
-  }
+  if (spec.nproc > 1) return launch_nproc(spec, argc, argv);
   if (command == "trial") return trial_command(spec);
   if (command == "train") return train_command(spec);
   if (command == "estimate") return estimate_command(spec);

@@ -1,4 +1,4 @@
-#include "train/precision.h"
+#include "models/precision.h"
 
 #include <ATen/autocast_mode.h>
 
