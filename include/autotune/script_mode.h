@@ -115,8 +115,10 @@ class ScriptTrials : public TrialRunner {
  private:
   enum class Role { describe, trial, run };
   ScriptRun spawn(Role role, const Plan* plan, int64_t steps, bool limit);
-  // The accelerator's entries of the command's environment (none on the CPU).
-  std::vector<std::string> device_environment();
+  // The accelerator's entries of the command's environment (none on the CPU). Without `limit`
+  // the budget passed is 0: the client measures but does not cap the allocator, as a run
+  // without `limit` has no cgroup limit (the need of "nothing fits", retimings).
+  std::vector<std::string> device_environment(bool limit);
   // A run's figures once it ended: the host tree's (its cgroup's, removed here, else the polled
   // one), the device's, and the budget figure.
   void settle_figures(ScriptRun& r, const std::string& cgroup, uint64_t polled_peak_bytes);

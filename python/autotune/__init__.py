@@ -172,6 +172,7 @@ class _DeviceGuard:
         self.index = torch.device(device).index
         if self.index is None:
             self.index = torch.cuda.current_device()
+        # budget_bytes 0: measured only (autotune asks what a plan needs beyond the budget).
         self.budget_bytes, self.outside_bytes = budget_bytes, outside_bytes
         self.context_bytes = 0
         self.measure()

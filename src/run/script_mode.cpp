@@ -204,7 +204,7 @@ std::string ScriptTrials::command_line() const {
   return s;
 }
 
-std::vector<std::string> ScriptTrials::device_environment() {
+std::vector<std::string> ScriptTrials::device_environment(bool limit) {
   if (opt_.device.is_cpu()) return {};
   // What is in use on the device before the command starts is not the command's. The least
   // seen so far: memory a killed trial held may not be back yet when the next one starts, and
@@ -213,7 +213,8 @@ std::vector<std::string> ScriptTrials::device_environment() {
   device_outside_bytes_ = std::min(device_outside_bytes_,
                                    d.total_bytes > d.free_bytes ? d.total_bytes - d.free_bytes : 0);
   return {std::string(kScriptDeviceEnv) + "=" + opt_.device.str(),
-          std::string(kScriptDeviceBudgetEnv) + "=" + std::to_string(opt_.device_budget_bytes),
+          std::string(kScriptDeviceBudgetEnv) + "=" +
+              std::to_string(limit ? opt_.device_budget_bytes : 0),
           std::string(kScriptDeviceOutsideEnv) + "=" + std::to_string(device_outside_bytes_)};
 }
 
@@ -223,7 +224,8 @@ ScriptRun ScriptTrials::spawn(Role role, const Plan* plan, int64_t steps, bool l
                                                  : "run";
   const bool captured = role != Role::run;  // a run's output is the user's to see
   std::vector<std::string> args = opt_.command;
-  std::vector<std::string> env = child_environment(role_name, plan, steps, device_environment());
+  std::vector<std::string> env =
+      child_environment(role_name, plan, steps, device_environment(limit));
   std::vector<char*> argv = c_strings(args), envp = c_strings(env);
   int report[2];
   if (::pipe2(report, O_CLOEXEC) != 0)
