@@ -83,6 +83,9 @@ struct ScriptRun {
   double samples_per_s(double* wall_s = nullptr) const;
 };
 
+// A command as one line, for messages and hints: an argument with blanks or quotes in quotes.
+std::string command_line(const std::vector<std::string>& command);
+
 class ScriptTrials : public TrialRunner {
  public:
   explicit ScriptTrials(ScriptOptions options);
@@ -110,7 +113,7 @@ class ScriptTrials : public TrialRunner {
   // How the accelerator's figure is cross-checked (NVML), for the "trials:" line; empty on CPU.
   const std::string& device_check() const { return device_check_; }
   // The command as one line, for messages.
-  std::string command_line() const;
+  std::string command_line() const { return autotune::command_line(opt_.command); }
 
  private:
   enum class Role { describe, trial, run };

@@ -174,7 +174,7 @@ class _DeviceGuard:
             self.index = torch.cuda.current_device()
         # budget_bytes 0: measured only (autotune asks what a plan needs beyond the budget).
         self.budget_bytes, self.outside_bytes = budget_bytes, outside_bytes
-        self.context_bytes = 0
+        self.context_bytes = -1  # none measured yet: the first measure() sets the fraction
         self.measure()
 
     def measure(self):
@@ -182,7 +182,7 @@ class _DeviceGuard:
         cuda = self.torch.cuda
         free, total = cuda.mem_get_info(self.index)  # initialises the context the first time
         context = max(0, total - free - cuda.memory_reserved(self.index) - self.outside_bytes)
-        if context > self.context_bytes or self.context_bytes == 0:
+        if context > self.context_bytes:
             self.context_bytes = context
             if self.budget_bytes > 0:
                 allocator = max(0, self.budget_bytes - context)

@@ -125,9 +125,9 @@ std::vector<pid_t> group_pids(pid_t pgid) {
   return pids;
 }
 
-uint64_t group_pss_bytes(pid_t pgid) {
+uint64_t pss_bytes(const std::vector<pid_t>& pids) {
   uint64_t total = 0;
-  for (const pid_t pid : group_pids(pgid)) total += pss_of(std::to_string(pid));
+  for (const pid_t pid : pids) total += pss_of(std::to_string(pid));
   return total;
 }
 

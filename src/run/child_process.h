@@ -36,10 +36,10 @@ void child_unblock_signals();
 // Resident bytes of a process (0 once it is gone).
 uint64_t rss_of(pid_t pid);
 
-// Proportional set size of every process in process group `pgid`: what the group holds, each
-// shared page counted once (forked workers share their parent's pages). 0 once it is gone.
-uint64_t group_pss_bytes(pid_t pgid);
 // The processes of process group `pgid` (from /proc).
 std::vector<pid_t> group_pids(pid_t pgid);
+// Proportional set size of `pids` together (a process group's: group_pids): what they hold,
+// each shared page counted once (forked workers share their parent's pages).
+uint64_t pss_bytes(const std::vector<pid_t>& pids);
 
 }  // namespace autotune

@@ -196,9 +196,9 @@ ScriptTrials::ScriptTrials(ScriptOptions options) : opt_(std::move(options)) {
 
 ScriptTrials::~ScriptTrials() = default;
 
-std::string ScriptTrials::command_line() const {
+std::string command_line(const std::vector<std::string>& command) {
   std::string s;
-  for (const auto& a : opt_.command)
+  for (const auto& a : command)
     s += (s.empty() ? "" : " ") +
          (a.find_first_of(" \t'\"") == std::string::npos ? a : "'" + a + "'");
   return s;
@@ -267,10 +267,13 @@ ScriptRun ScriptTrials::spawn(Role role, const Plan* plan, int64_t steps, bool l
       last_progress = std::chrono::steady_clock::now();
     const pid_t w = ::waitpid(pid, &status, WNOHANG);
     if (w == pid || (w < 0 && errno != EINTR)) break;
-    if (cgroup.empty() && tick % 3 == 0) polled_peak = std::max(polled_peak, group_pss_bytes(pid));
-    if (nvml_ && tick % 3 == 0)
-      if (const auto used = nvml_->used_bytes(group_pids(pid)))
-        r.driver_peak_bytes = std::max(r.driver_peak_bytes, *used);
+    if (tick % 3 == 0 && (cgroup.empty() || nvml_)) {  // the group listed once for both figures
+      const std::vector<pid_t> pids = group_pids(pid);
+      if (cgroup.empty()) polled_peak = std::max(polled_peak, pss_bytes(pids));
+      if (nvml_)
+        if (const auto used = nvml_->used_bytes(pids))
+          r.driver_peak_bytes = std::max(r.driver_peak_bytes, *used);
+    }
     if (opt_.stop_signal && opt_.stop_signal->load() != 0 && !stop) {
       stop = opt_.stop_signal->load();
       // The full run is the user's training: it gets the signal, to save what it has, and is

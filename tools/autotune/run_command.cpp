@@ -301,9 +301,8 @@ void print_what_next(const RunContext& ctx, const Profile& profile, const std::s
   if (ctx.spec().script.empty()) {
     rows.push_back({"next: train it", "autotune train --profile " + path + " [--steps N]"});
   } else {
-    std::string command;
-    for (const auto& a : ctx.spec().script) command += " " + a;
-    rows.push_back({"next: run it alone", "AUTOTUNE_PROFILE=" + path + command});
+    rows.push_back(
+        {"next: run it alone", "AUTOTUNE_PROFILE=" + path + " " + command_line(ctx.spec().script)});
   }
   rows.push_back(
       {"next: draw it",
